@@ -4,11 +4,11 @@ import json
 
 import numpy as np
 import pytest
-from conftest import tiny_case_arrays, write_nifti
 
 from ciml_core.data.dataset import load_case
 from ciml_core.data.layouts import detect_layout, discover_cases
 from ciml_core.errors import ConfigError, GeometryError, InputDataError, LabelError
+from conftest import tiny_case_arrays, write_nifti
 
 BRATS_ORDER = ("flair", "t1", "t1ce", "t2")
 
@@ -159,3 +159,28 @@ def test_all_zero_modality_is_refused(tmp_path, write_case):
     (case,) = discover_cases(tmp_path)
     with pytest.raises(InputDataError, match=r"C_t1\.nii\.gz: every voxel is zero"):
         load_case(case)
+
+
+def test_phantom_cli_round_trip_through_discovery(tmp_path):
+    import nibabel as nib
+
+    from ciml_core.cli import main
+    from ciml_core.data.phantoms import make_brats_phantom
+
+    assert main(["phantom", "--kind", "brats", "--cases", "3", "--out", str(tmp_path),
+                 "--shape", "48", "48", "32"]) == 0
+    cases = discover_cases(tmp_path)
+    assert detect_layout(tmp_path) == "brats2020"
+    assert [c.case_id for c in cases] == ["Phantom_00000", "Phantom_00001", "Phantom_00002"]
+    for seed, case in enumerate(cases):
+        loaded = load_case(case, BRATS_ORDER, label_convention="brats2020")
+        assert set(np.unique(loaded.label)) <= {0, 1, 2, 4}
+        for value in (1, 2, 4):  # NCR, ED and ET are all present
+            assert (loaded.label == value).any()
+        expected = make_brats_phantom(seed, shape=(48, 48, 32))
+        # Files are LPS; canonical order flips the first two axes back.
+        assert np.array_equal(loaded.label, expected.label[::-1, ::-1, :])
+        for i, name in enumerate(BRATS_ORDER):
+            assert np.array_equal(loaded.image[i], expected.images[name][::-1, ::-1, :])
+            assert np.array_equal(nib.load(case.images[name]).affine, expected.affine)
+        assert np.array_equal(loaded.reference.affine, expected.affine)

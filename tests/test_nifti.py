@@ -5,11 +5,11 @@ import gzip
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import write_nifti
 from nibabel.orientations import axcodes2ornt
 
 from ciml_core.data.nifti import load_volume, write_like
 from ciml_core.errors import GeometryError, InputDataError
+from conftest import write_nifti
 
 
 def affine_for(codes: tuple[str, str, str], zooms=(2.0, 1.5, 3.0), origin=(10.0, -20.0, 5.0)):

@@ -3,8 +3,8 @@
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import tiny_case_arrays, write_nifti
 
+from conftest import tiny_case_arrays, write_nifti
 from napari_ciml._reader import napari_get_reader
 
 
