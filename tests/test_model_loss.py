@@ -1,0 +1,104 @@
+"""CIMLLoss against values computed by hand on tiny tensors."""
+
+import math
+
+import pytest
+import torch
+
+from ciml_core.model import CIMLLoss, CIMLOutput, Task, TaskDecomposition
+
+EPS = 1e-5  # MONAI DiceLoss smoothing (numerator and denominator)
+
+
+def _dice_loss(p, t):
+    return 1 - (2 * sum(a * b for a, b in zip(p, t, strict=True)) + EPS) / (sum(p) + sum(t) + EPS)
+
+
+def _bce(p, t):
+    return -sum(
+        b * math.log(a) + (1 - b) * math.log(1 - a) for a, b in zip(p, t, strict=True)
+    ) / len(p)
+
+
+def test_loss_components_match_hand_computation():
+    decomposition = TaskDecomposition(
+        tasks=(Task(("ct",), ("WT",)), Task(("pet",), ("WT", "TC"))),
+        modalities=("ct", "pet"),
+        regions=("WT", "TC"),
+    )
+    # targets [B=1, R=2 (WT, TC), 4 voxels]
+    wt, tc = [1, 0, 0, 1], [1, 1, 1, 1]
+    targets = torch.tensor([[wt, tc]], dtype=torch.float32)
+    # head 0 predicts WT with p = 0.5 everywhere; head 1 predicts WT, TC with p = 0.75 / 0.25.
+    p0 = [0.5] * 4
+    p1_wt, p1_tc = [0.75, 0.25, 0.25, 0.75], [0.75] * 4
+
+    def logit(p):
+        return math.log(p / (1 - p))
+
+    output = CIMLOutput(
+        logits=[
+            torch.tensor([[[logit(p) for p in p0]]]),
+            torch.tensor([[[logit(p) for p in p1_wt], [logit(p) for p in p1_tc]]]),
+        ],
+        task_regions=(("WT",), ("WT", "TC")),
+        kl=torch.tensor([0.2, 0.4]),
+    )
+    total, parts = CIMLLoss(decomposition, beta=0.5)(output, targets)
+
+    dice = _dice_loss(p0, wt) + (_dice_loss(p1_wt, wt) + _dice_loss(p1_tc, tc)) / 2
+    bce = _bce(p0, wt) + (_bce(p1_wt, wt) + _bce(p1_tc, tc)) / 2
+    assert _dice_loss(p0, wt) == pytest.approx(0.5, abs=1e-5)
+    assert parts["dice"] == pytest.approx(dice, rel=1e-5)
+    assert parts["bce"] == pytest.approx(bce, rel=1e-5)
+    assert parts["kl"] == pytest.approx(0.6)
+    assert parts["total"] == pytest.approx(dice + bce + 0.5 * 0.6, rel=1e-5)
+    assert total.item() == pytest.approx(parts["total"], rel=1e-6)
+    assert all(isinstance(v, float) for v in parts.values())
+
+    _, beta_zero = CIMLLoss(decomposition, beta=0.0)(output, targets)
+    assert beta_zero["total"] == pytest.approx(dice + bce, rel=1e-5)
+
+
+def test_dice_pools_the_batch_so_empty_patches_are_not_a_full_loss():
+    decomposition = TaskDecomposition.petct()
+    # sample 0 has a lesion predicted perfectly, sample 1 none and predicts ~none
+    targets = torch.tensor([[[1.0, 1.0, 0.0, 0.0]], [[0.0, 0.0, 0.0, 0.0]]])
+    logits = torch.where(targets > 0, 20.0, -20.0)
+    output = CIMLOutput(logits=[logits, logits], task_regions=(("lesion",),) * 2, kl=torch.zeros(2))
+    _, parts = CIMLLoss(decomposition)(output, targets)
+    assert parts["dice"] == pytest.approx(0.0, abs=1e-5)  # per-sample Dice would give ~1 per head
+
+
+def test_gradients_reach_logits_and_kl():
+    decomposition = TaskDecomposition.petct()
+    logits = [torch.zeros(1, 1, 4, requires_grad=True) for _ in range(2)]
+    kl = torch.tensor([1.0, 2.0], requires_grad=True)
+    output = CIMLOutput(logits=logits, task_regions=(("lesion",),) * 2, kl=kl)
+    total, _ = CIMLLoss(decomposition, beta=0.25)(output, torch.ones(1, 1, 4))
+    total.backward()
+    assert torch.equal(kl.grad, torch.tensor([0.25, 0.25]))
+    assert all(g.grad.abs().sum() > 0 for g in logits)
+
+
+def test_target_channel_mismatch_is_reported():
+    output = CIMLOutput(
+        logits=[torch.zeros(1, 1, 4)], task_regions=(("lesion",),), kl=torch.zeros(1)
+    )
+    with pytest.raises(ValueError, match="one per region"):
+        CIMLLoss(TaskDecomposition.brats())(output, torch.zeros(1, 1, 4))
+
+
+def test_bf16_logits_are_scored_in_float32():
+    decomposition = TaskDecomposition.petct()
+    logits = torch.randn(2, 1, 8, 8, 8, generator=torch.Generator().manual_seed(0))
+    targets = (torch.rand(2, 1, 8, 8, 8, generator=torch.Generator().manual_seed(1)) > 0.5).float()
+
+    def output(t):
+        return CIMLOutput(logits=[t, t], task_regions=(("lesion",),) * 2, kl=torch.zeros(2))
+
+    loss_fn = CIMLLoss(decomposition)
+    total16, _ = loss_fn(output(logits.bfloat16()), targets)
+    total32, _ = loss_fn(output(logits.bfloat16().float()), targets)
+    assert total16.dtype == torch.float32
+    assert total16.item() == pytest.approx(total32.item(), rel=1e-6)
