@@ -47,6 +47,10 @@ LABEL_CONVENTIONS: dict[str, LabelConvention] = {
     "binary": LabelConvention(
         name="binary", values=(0, 1), regions=(("lesion", (1,)),), paint=(("lesion", 1),)
     ),
+    # ShapeComposition phantoms: the union of the triangle and the ellipse.
+    "shapes": LabelConvention(
+        name="shapes", values=(0, 1), regions=(("union", (1,)),), paint=(("union", 1),)
+    ),
     # HECKTOR 2022: 1 GTVp (primary tumour), 2 GTVn (lymph nodes).
     "hecktor": LabelConvention(
         name="hecktor",

@@ -48,7 +48,7 @@ KNOWN_MODALITIES = tuple(dict.fromkeys(MODALITY_ALIASES.values()))
 #: Label convention each layout uses unless told otherwise.
 DEFAULT_LABEL_CONVENTION = {
     "brats2020": "brats2020", "brats2023": "brats2023", "nnunet": "brats2020",
-    "autopet": "binary", "hecktor": "hecktor", "shapes": "binary", "manifest": "binary",
+    "autopet": "binary", "hecktor": "hecktor", "shapes": "shapes", "manifest": "binary",
 }
 
 
