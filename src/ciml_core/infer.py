@@ -1,0 +1,160 @@
+"""Whole-case inference: sliding windows with Gaussian weighting, optional mirroring, un-cropping,
+labels in the dataset's convention written with the input's affine and header.
+
+The volume and the accumulators stay on the CPU while each window runs on ``device`` (the GPU
+when there is one), so a 240x240x155 case fits any card. ``progress`` is called after every
+window; raising :class:`Cancelled` from it (or from ``should_stop``) stops the run cleanly, which
+is how the napari plugin's Cancel button works.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+
+from ciml_core.checkpoint import LoadedModel
+from ciml_core.data.dataset import LoadedCase
+from ciml_core.data.labels import get_convention, regions_to_labels
+from ciml_core.data.nifti import write_like
+from ciml_core.data.preprocess import preprocess_image, uncrop
+from ciml_core.errors import CimlError, InputDataError
+from ciml_core.model import ensemble_region_probabilities, probabilities_to_region_masks
+
+
+class Cancelled(CimlError):
+    """Raised inside a run when the user asked to stop; nothing is written."""
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; an unavailable device is a clear error."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CimlError("device 'cuda' requested but torch.cuda.is_available() is False "
+                        f"(torch {torch.__version__} build without CUDA, or no GPU visible)")
+    return device
+
+
+def count_windows(shape: Sequence[int], patch: Sequence[int], overlap: float) -> int:
+    """How many windows ``sliding_window_inference`` visits for one image of ``shape``."""
+    n = 1
+    for s, p in zip(shape, patch, strict=True):
+        s = max(s, p)
+        step = max(int(p * (1 - overlap)), 1)
+        n *= int(np.ceil((s - p) / step)) + 1 if s > p else 1
+    return n
+
+
+def mirror_axes(spatial_dims: int) -> list[tuple[int, ...]]:
+    """All 2^d subsets of spatial axes (tensor dims 2..) to flip for mirroring TTA."""
+    dims = range(2, 2 + spatial_dims)
+    return [c for r in range(spatial_dims + 1) for c in itertools.combinations(dims, r)]
+
+
+@torch.inference_mode()
+def sliding_window_predict(
+    loaded: LoadedModel,
+    image: np.ndarray,
+    *,
+    overlap: float = 0.5,
+    mirror: bool = False,
+    device: str | torch.device = "auto",
+    progress: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
+    """Per-region probabilities ``(R, *spatial)`` of a preprocessed image ``(M, *spatial)``."""
+    model, decomposition = loaded.model, loaded.config.decomposition
+    dev = resolve_device(device)
+    model.to(dev).eval()
+    patch = tuple(loaded.config.patch_size)
+    flips = mirror_axes(len(patch)) if mirror else [()]
+    total = count_windows(image.shape[1:], patch, overlap)
+    done = 0
+
+    def predictor(window: torch.Tensor) -> torch.Tensor:
+        nonlocal done
+        probs = 0
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            for axes in flips:
+                x = window.flip(axes) if axes else window
+                p = ensemble_region_probabilities(model(x), decomposition).float()
+                probs = probs + (p.flip(axes) if axes else p)
+        done += window.shape[0]
+        if progress is not None:
+            progress(done, total)
+        return probs / len(flips)
+
+    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
+    probs = sliding_window_inference(
+        x, roi_size=patch, sw_batch_size=1, predictor=predictor, overlap=overlap,
+        mode="gaussian", sw_device=dev, device=torch.device("cpu"),
+    )
+    return probs[0].numpy()
+
+
+@dataclass
+class CasePrediction:
+    """Full-grid results of one case, canonical voxel order."""
+
+    case_id: str
+    label: np.ndarray  # uint8, dataset convention
+    probabilities: np.ndarray  # (R, *spatial) float32
+    regions: tuple[str, ...]
+
+
+def predict_case(
+    loaded: LoadedModel,
+    case: LoadedCase,
+    *,
+    overlap: float = 0.5,
+    mirror: bool = False,
+    device: str | torch.device = "auto",
+    progress: Callable[[int, int], None] | None = None,
+) -> CasePrediction:
+    """Preprocess, predict, threshold (ET in TC in WT), map to labels and un-crop one case."""
+    if tuple(case.modalities) != tuple(loaded.modalities):
+        raise InputDataError(
+            f"case {case.case_id}: the model {loaded.path} expects modalities "
+            f"{list(loaded.modalities)} in that order, the case provides {list(case.modalities)}"
+        )
+    pre = preprocess_image(case.image, case.modalities,
+                           pet_method=loaded.info.normalisation.get("pet_method", "log"))
+    probs = sliding_window_predict(loaded, pre.image, overlap=overlap, mirror=mirror,
+                                   device=device, progress=progress)
+    masks = probabilities_to_region_masks(torch.from_numpy(probs)[None], loaded.regions)[0].numpy()
+    conv = get_convention(loaded.info.label_convention)
+    order = [loaded.regions.index(r) for r in conv.region_names]
+    label = regions_to_labels(masks[order], conv)
+    return CasePrediction(
+        case_id=case.case_id,
+        label=uncrop(label, pre.box, fill=0),
+        probabilities=uncrop(probs.astype(np.float32), pre.box, fill=0.0),
+        regions=loaded.regions,
+    )
+
+
+def write_prediction(
+    prediction: CasePrediction,
+    case: LoadedCase,
+    out_dir: Path,
+    *,
+    probabilities: bool = False,
+    overwrite: bool = False,
+) -> list[Path]:
+    """Write ``<case>.nii.gz`` (uint8 labels) and optionally ``<case>_prob_<region>.nii.gz``."""
+    targets = [(out_dir / f"{prediction.case_id}.nii.gz", prediction.label, np.uint8)]
+    if probabilities:
+        for i, region in enumerate(prediction.regions):
+            targets.append((out_dir / f"{prediction.case_id}_prob_{region}.nii.gz",
+                            prediction.probabilities[i], np.float32))
+    existing = [str(p) for p, _, _ in targets if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{existing[0]} already exists (use --overwrite to replace it)")
+    return [write_like(data, case.reference, path, dtype=dtype, overwrite=overwrite)
+            for path, data, dtype in targets]

@@ -1,0 +1,99 @@
+"""Checkpoints: safetensors + config.json, atomic, refused when edited or mismatched."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from ciml_core.checkpoint import (
+    CheckpointInfo,
+    load_checkpoint,
+    load_training_state,
+    read_checkpoint_config,
+    save_checkpoint,
+)
+from ciml_core.cli import main
+from ciml_core.errors import CheckpointError
+from ciml_core.model import ModelConfig, build_model
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    config = ModelConfig(width=2, patch_size=(16, 16, 16))
+    torch.manual_seed(0)
+    model = build_model(config)
+    info = CheckpointInfo(label_convention="brats2020", metrics={"val_dice": {"WT": 0.5}})
+    state = {"epoch": 3, "step": 0, "optimizer": {"lr": torch.tensor(1e-4)}}
+    path = save_checkpoint(tmp_path / "ckpt", model, config, info, training_state=state)
+    return path, model, config
+
+
+def test_round_trip_restores_identical_outputs(tiny_checkpoint):
+    path, model, config = tiny_checkpoint
+    loaded = load_checkpoint(path)
+    assert loaded.config == config
+    assert loaded.modalities == ("flair", "t1", "t1ce", "t2")
+    assert loaded.info.label_convention == "brats2020"
+    x = torch.randn(1, 4, 16, 16, 16)
+    model.eval()
+    with torch.no_grad():
+        for a, b in zip(model(x).logits, loaded.model(x).logits, strict=True):
+            assert torch.equal(a, b)
+    assert load_training_state(path)["epoch"] == 3
+    assert [p.name for p in path.parent.iterdir()] == ["ckpt"]  # no temp folders left
+
+
+def test_config_json_contents(tiny_checkpoint):
+    path, _, _ = tiny_checkpoint
+    doc = json.loads((path / "config.json").read_text())
+    assert doc["format"] == "ciml-checkpoint" and doc["package_version"] == "0.1.0"
+    assert doc["modalities"] == ["flair", "t1", "t1ce", "t2"]
+    assert doc["regions"] == ["WT", "TC", "ET"] and doc["patch_size"] == [16, 16, 16]
+    assert doc["model"]["decomposition"]["tasks"][3] == {"primary": ["t1ce"], "regions": ["TC", "ET"]}
+    assert len(doc["weights_sha256"]) == 64
+
+
+def test_edited_weights_are_refused(tiny_checkpoint):
+    path, _, _ = tiny_checkpoint
+    weights = load_file(str(path / "model.safetensors"))
+    key = next(iter(weights))
+    weights[key] = weights[key] + 1
+    save_file(weights, str(path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="sha256 .* does not match"):
+        load_checkpoint(path)
+
+
+def test_missing_key_and_wrong_shape_are_refused(tiny_checkpoint):
+    path, _, _ = tiny_checkpoint
+    doc = json.loads((path / "config.json").read_text())
+    del doc["label_convention"]
+    (path / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match=r"missing key\(s\) \['label_convention'\]"):
+        read_checkpoint_config(path)
+    doc["label_convention"] = "brats2020"
+    doc["model"]["width"] = 3  # the tensors were saved for width 2
+    (path / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match="does not match its config.json: .* has shape"):
+        load_checkpoint(path)
+
+
+def test_missing_folder_and_files(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint folder"):
+        load_checkpoint(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="config.json is missing"):
+        load_checkpoint(tmp_path / "empty")
+
+
+def test_info_command(tiny_checkpoint, capsys):
+    path, _, _ = tiny_checkpoint
+    assert main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "flair -> WT" in out and "t1ce -> TC, ET" in out
+    assert "variant         full (width C=2" in out
+    sha = json.loads((path / "config.json").read_text())["weights_sha256"]
+    assert f"weights sha256  {sha}" in out
+    (path / "model.safetensors").write_bytes(b"garbage")
+    assert main(["info", str(path)]) == 2
+    assert "does not match" in capsys.readouterr().err
