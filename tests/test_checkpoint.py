@@ -97,3 +97,22 @@ def test_info_command(tiny_checkpoint, capsys):
     (path / "model.safetensors").write_bytes(b"garbage")
     assert main(["info", str(path)]) == 2
     assert "does not match" in capsys.readouterr().err
+
+
+def test_export_half_precision_keeps_outputs(tiny_checkpoint, tmp_path):
+    from ciml_core.checkpoint import export_checkpoint
+
+    path, model, _ = tiny_checkpoint
+    exported = export_checkpoint(path, tmp_path / "half")
+    assert sorted(p.name for p in exported.iterdir()) == ["config.json", "model.safetensors"]
+    weights = load_file(str(exported / "model.safetensors"))
+    assert all(v.dtype == torch.float16 for v in weights.values() if v.is_floating_point())
+    size = (exported / "model.safetensors").stat().st_size
+    assert size < 0.6 * (path / "model.safetensors").stat().st_size
+    loaded = load_checkpoint(exported)
+    assert next(loaded.model.parameters()).dtype == torch.float32
+    x = torch.randn(1, 4, 16, 16, 16)
+    model.eval()
+    with torch.no_grad():
+        for a, b in zip(model(x).logits, loaded.model(x).logits, strict=True):
+            assert torch.allclose(a, b, atol=1e-2)

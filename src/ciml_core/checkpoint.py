@@ -219,6 +219,33 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cp
     return LoadedModel(model, config, info, folder, document["weights_sha256"])
 
 
+def export_checkpoint(
+    src: str | os.PathLike, dst: str | os.PathLike, *, half: bool = True
+) -> Path:
+    """Copy a checkpoint without its training state, optionally storing floats as float16.
+
+    float16 halves the file (the bundled demo model ships this way); loading converts the
+    weights back to the network's float32 parameters, so nothing else changes.
+    """
+    document = read_checkpoint_config(src)
+    weights = load_file(str(resolve_checkpoint(src) / WEIGHTS))
+    if half:
+        weights = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        save_file(weights, str(tmp / WEIGHTS))
+        document = {**document, "weights_dtype": "float16" if half else "float32",
+                    "weights_sha256": sha256_file(tmp / WEIGHTS)}
+        (tmp / CONFIG).write_text(json.dumps(document, indent=2) + "\n")
+        _replace_dir(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
 def load_training_state(path: str | os.PathLike) -> dict[str, Any]:
     """The resumable state saved beside a checkpoint (tensors and plain values only)."""
     state_path = Path(path) / TRAINING_STATE

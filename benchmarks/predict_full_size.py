@@ -1,0 +1,50 @@
+"""Wall time and peak memory of `ciml-core predict` on one 240x240x155 phantom case (CPU).
+
+    python benchmarks/predict_full_size.py [--model demo] [--tta] [--device cpu]
+
+Runs the real CLI in a child process and reads its peak resident memory (ru_maxrss) afterwards,
+so the number includes Python, torch and the whole volume pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="demo")
+    parser.add_argument("--tta", action="store_true")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "ciml_core.cli", "phantom", "--kind", "brats",
+                        "--cases", "1", "--seed", "6000", "--shape", "240", "240", "155",
+                        "--out", f"{tmp}/data"], check=True, capture_output=True)
+        cmd = [sys.executable, "-m", "ciml_core.cli", "predict", f"{tmp}/data", "--out",
+               f"{tmp}/pred", "--model", args.model, "--device", args.device]
+        if args.tta:
+            cmd.append("--tta")
+        t0 = time.time()
+        subprocess.run(cmd, check=True, capture_output=True)
+        seconds = time.time() - t0
+    peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    result = {"shape": [240, 240, 155], "model": args.model, "tta": args.tta,
+              "device": args.device, "seconds": round(seconds, 1), "peak_rss_mib": round(peak_mib)}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = "predict_full_size" + ("_tta" if args.tta else "") + ".json"
+    (out / name).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
