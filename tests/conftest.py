@@ -55,3 +55,15 @@ def write_case():
         return root, images, label
 
     return _write
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip tests marked ``gpu`` when this machine has no CUDA device, saying so."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

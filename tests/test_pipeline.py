@@ -164,3 +164,17 @@ def test_ddp_two_gloo_processes_end_with_identical_weights(phantoms, tmp_path):
     # rank 0 alone wrote the checkpoint and the log
     assert (run / "latest" / "model.safetensors").is_file()
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_predict_under_torchrun_shards_cases(trained_run, phantoms, tmp_path):
+    out = tmp_path / "pred"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_port", "29518", "-m", "ciml_core.cli", "predict", str(phantoms), "--out",
+         str(out), "--model", str(trained_run / "best"), "--device", "cpu"],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == [f"Phantom_{i:05d}.nii.gz" for i in range(7, 11)]
+    # each rank reported its own share: two "wrote 2 file(s)" lines
+    assert result.stdout.count("wrote 2 file(s)") == 2
