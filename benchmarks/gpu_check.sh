@@ -1,21 +1,24 @@
 #!/usr/bin/env bash
-# One script for a lent GPU machine: install, run the GPU-marked tests, the CUDA speed benchmark,
-# and a full-size predict; everything lands under $OUT (default benchmarks/results/gpu).
-# Budget: about 8 minutes on an H100.
+# One script for a lent GPU machine (run through the device tool): the GPU-marked tests, the CUDA
+# speed benchmark and a full-size predict; results land under $OUT. Budget: about 8 minutes.
+#
+# The device machine has no network. It ships Python 3.12 with a CUDA torch (see the device
+# tool's KINDS.md); what else the project needs (monai, nibabel, safetensors, ...) travels as
+# wheels in .whl/ (see /work/.library/device/README.md): carry ".whl" and this installs them.
+# Not yet run on a GPU: the first session lent one should run it and fix what the machine needs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu}
 mkdir -p "$OUT"
-{
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  python3 -m venv .gpu-venv && . .gpu-venv/bin/activate
-  pip install -q --upgrade pip
-  pip install -q torch 2>&1 | tail -1   # the machine's CUDA build
-  pip install -q -e ".[testing]" 2>&1 | tail -1
-  python -c "import torch; print(torch.__version__, torch.cuda.get_device_name())"
-} > "$OUT/setup.log" 2>&1
-. .gpu-venv/bin/activate
-timeout 120 python -m pytest tests/test_gpu.py -q -p no:xvfb > "$OUT/gpu_tests.log" 2>&1
-timeout 300 python benchmarks/speed.py --device cuda --out "$OUT" > "$OUT/speed.log" 2>&1
-timeout 120 python benchmarks/predict_full_size.py --device cuda --out "$OUT" > "$OUT/predict.log" 2>&1
-tail -n 3 "$OUT"/*.log
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD/src
+else
+  export PYTHONPATH=$PWD/src
+fi
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
+python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())" >> "$OUT/gpu.txt" 2>&1
+timeout 120 python3 -m pytest tests/test_gpu.py -q -p no:xvfb -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
+timeout 300 python3 benchmarks/speed.py --device cuda --out "$OUT" 2>&1 | tee "$OUT/speed.log"
+timeout 120 python3 benchmarks/predict_full_size.py --device cuda --out "$OUT" 2>&1 | tee "$OUT/predict.log"
