@@ -17,6 +17,8 @@ import dataclasses
 import json
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -203,10 +205,27 @@ def train(cfg: TrainConfig) -> TrainResult:
     if cfg.patch % 16:
         raise ConfigError(f"--patch {cfg.patch}: must be a multiple of 16")
     ctx = setup_distributed(cfg.device)
+    previous = _interrupt_on_sigterm()
     try:
         return _train(cfg, ctx)
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         cleanup(ctx)
+
+
+def _interrupt_on_sigterm():
+    """Treat SIGTERM (schedulers, `kill`) like Ctrl-C: save `latest` and stop.
+
+    Returns the previous handler, or None when not in the main thread (signals cannot be set).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def _train(cfg: TrainConfig, ctx: DistContext) -> TrainResult:
