@@ -102,6 +102,10 @@ def _state_dict_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _replace_dir(tmp: Path, target: Path) -> None:
     """Move the finished ``tmp`` folder to ``target``, replacing an older checkpoint there."""
+    # mkdtemp makes a private folder; a checkpoint is meant to be shared like any other output.
+    tmp.chmod(0o755)
+    for f in tmp.iterdir():
+        f.chmod(0o644)
     old = None
     if target.exists():
         old = target.with_name(f".{target.name}.old-{os.getpid()}")

@@ -85,6 +85,8 @@ def sliding_window_predict(
                 x = window.flip(axes) if axes else window
                 p = ensemble_region_probabilities(model(x), decomposition).float()
                 probs = probs + (p.flip(axes) if axes else p)
+                if progress is not None and len(flips) > 1:
+                    progress(done, total)  # lets a Cancel act between mirrored passes
         done += window.shape[0]
         if progress is not None:
             progress(done, total)
