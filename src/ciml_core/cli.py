@@ -167,6 +167,88 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from ciml_core.checkpoint import load_checkpoint
+    from ciml_core.data.dataset import load_case
+    from ciml_core.data.labels import get_convention, labels_to_regions
+    from ciml_core.data.layouts import discover_cases
+    from ciml_core.explain import explain_case, parse_pairs, planned_paths, write_explanations
+    from ciml_core.figures import heatmap_grid_figure, save_figure, weights_chart_figure
+
+    loaded = load_checkpoint(args.model, device="cpu")
+    pairs = parse_pairs(args.pairs, loaded.config.decomposition)
+    cases = discover_cases(args.case)
+    if len(cases) != 1:
+        raise CimlError(f"{args.case} holds {len(cases)} cases; explain takes one case folder")
+    case = load_case(cases[0], loaded.modalities)
+    out = Path(args.out)
+    grid_png = out / f"{case.case_id}_gradcam.png"
+    chart_png = out / f"{case.case_id}_weights.png"
+    # Refuse before the (slow) Grad-CAM, not after it.
+    existing = [p for p in [*planned_paths(loaded, case.case_id, pairs, out), grid_png, chart_png]
+                if p.exists()]
+    if existing and not args.overwrite:
+        raise FileExistsError(f"{existing[0]} already exists (use --overwrite to replace it)")
+    with tqdm(desc=f"{case.case_id} Grad-CAM", unit="pass") as bar:
+
+        def tick(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        explanations = explain_case(loaded, case, pairs, mode=args.mode, device=args.device,
+                                    progress=tick)
+    written = write_explanations(explanations, case, out, overwrite=args.overwrite)
+    reference = None
+    if case.label is not None:
+        convention = get_convention(loaded.info.label_convention)
+        masks = labels_to_regions(case.label, convention)
+        reference = dict(zip(convention.region_names, masks, strict=True))
+    written.append(save_figure(heatmap_grid_figure(explanations, case, reference=reference),
+                               grid_png, overwrite=args.overwrite))
+    written.append(save_figure(weights_chart_figure(
+        explanations, title=f"{case.case_id}: complementary information weights"),
+        chart_png, overwrite=args.overwrite))
+    for e in explanations:
+        shares = ", ".join(f"{aux.upper()} {e.weights[aux]:.2f}" for aux in e.auxiliary)
+        print(f"{e.name:>10}  {shares}  ({e.target_voxels} target voxels)")
+    print(f"wrote {len(written)} file(s) to {out}")
+    return 0
+
+
+def _cmd_shapes(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from ciml_core.shapes_experiment import (
+        ShapesConfig,
+        run_shapes_experiment,
+        shapes_output_paths,
+        write_shapes_outputs,
+    )
+
+    cfg = ShapesConfig(steps=args.steps, beta=args.beta, seed=args.seed, size=args.size,
+                       width=args.width, device=args.device)
+    out = Path(args.out)
+    existing = [p for p in shapes_output_paths(out) if p.exists()]
+    if existing and not args.overwrite:
+        raise FileExistsError(f"{existing[0]} already exists (use --overwrite to replace it)")
+    with tqdm(total=cfg.steps, desc=f"ShapeComposition beta={cfg.beta:g}", unit="step") as bar:
+
+        def tick(step: int, steps: int, loss: float) -> None:
+            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+            bar.update(step - bar.n)
+
+        result = run_shapes_experiment(cfg, progress=tick)
+    written = write_shapes_outputs(result, out, overwrite=args.overwrite)
+    means = result.region_means
+    print(f"redundancy-filtering ratio {result.ratio:.3f} (mean |map| auxiliary-only "
+          f"{means['auxiliary_only']:.3f} / overlap {means['overlap']:.3f}), held-out Dice "
+          f"{result.dice:.3f}, {result.seconds:.0f} s")
+    print(f"wrote {', '.join(str(p) for p in written)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ciml-core",
@@ -265,6 +347,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-missing", action="store_true",
                    help="score a reference case without prediction as an empty prediction")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser(
+        "explain", help="Grad-CAM heatmaps and complementary-information weights of a case",
+        description="Per (primary modality : region) pair, Grad-CAM heatmaps of each auxiliary "
+        "modality's complementary representation (paper 4.6, Eq. 14-15) and their weights "
+        "(Eq. 16-17). CASE is one case folder. Writes <case>_heatmap_<PAIR>_from_<AUX>.nii.gz "
+        "(the input's affine and header), weights.csv, weights.json, <case>_gradcam.png (paper "
+        "Fig. 16) and <case>_weights.png (Fig. 18). See docs/interpretability.md.",
+    )
+    p.add_argument("case", metavar="CASE", help="a case folder of any supported layout")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--model", default="demo", help="'demo' or a checkpoint folder")
+    p.add_argument("--pairs", default="all",
+                   help="'all' (default) or a comma-separated list such as FLAIR:WT,T1CE:ET")
+    p.add_argument("--mode", default="roi", choices=["roi", "sliding"],
+                   help="roi: one patch-sized window centred on the predicted tumour (default, "
+                   "fast); sliding: every sliding window, Gaussian-stitched")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.set_defaults(func=_cmd_explain)
+
+    p = sub.add_parser(
+        "shapes", help="the ShapeComposition experiment (paper 4.3): redundancy filtering",
+        description="Train the two-encoder ShapeComposition network on generated triangle / "
+        "ellipse pairs, then write shapes_fig13.png (paper Fig. 13) and shapes_result.json with "
+        "the redundancy-filtering ratio (mean |complementary map| on auxiliary-only pixels / on "
+        "the overlap, held-out pairs) and the Dice. --beta 0 trains without the KL term.",
+    )
+    p.add_argument("--out", required=True, help="output folder")
+    # 600 = shapes_experiment.DEFAULT_STEPS (not imported here: --help must not load torch).
+    p.add_argument("--steps", type=int, default=600, help="optimiser steps (default 600)")
+    p.add_argument("--beta", type=float, default=0.5, help="KL weight; 0 = without KL (0.5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=64, help="image size, multiple of 16 (64)")
+    p.add_argument("--width", type=int, default=4, help="base number of filters C (4)")
+    p.add_argument("--device", default="cpu", help="cpu (default), auto or cuda")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.set_defaults(func=_cmd_shapes)
 
     p = sub.add_parser("info", help="show a checkpoint's configuration, training and metrics")
     p.add_argument("model", nargs="?", default="demo", help="'demo' (default) or a checkpoint")

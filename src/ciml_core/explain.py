@@ -1,0 +1,746 @@
+"""Interpretability (paper 4.6, SPEC 7): per-pair Grad-CAM of the complementary representations
+and the complementary-information weights.
+
+A *pair* is (segmentor i, target region k) for every region segmentor i predicts; with the BraTS
+decomposition that gives six pairs (FLAIR:WT, T1:TC, T2:WT, T2:TC, T1CE:TC, T1CE:ET). Segmentor i
+receives K = T - 1 messages; message m comes from segmentor ``model.message_sources(i)[m]`` and is
+named after that segmentor's primary modality ("auxiliary modality" of the pair).
+
+For each pair and auxiliary message m (Eq. 14-15):
+
+- A_m = z_m, the information representation of message m at the *shallowest* CIG of segmentor i
+  (level 1: P/2 per axis, C channels), read through ``gate.representation_taps[m]`` with a
+  forward hook; in eval mode z = mu, so maps are deterministic;
+- y^k = sum of segmentor i's logit for region k over the target voxels: the region the model
+  predicts (ensembled sigmoid > 0.5 with ET ⊂ TC ⊂ WT, i.e. exactly the mask the segmentation
+  shows; Seg-Grad-CAM) or a user ROI;
+- alpha_c = mean over the N voxels of dy^k / dA_m^c; heatmap = ReLU(sum_c alpha_c A_m^c);
+- the P/2 map is upsampled (trilinear, ``align_corners=False``) to the window, placed on the
+  cropped grid and un-cropped onto the full input grid (canonical voxel order, as
+  ``LoadedCase.image``); :func:`write_explanations` writes it back in the input's own voxel order.
+
+Weights (Eq. 16-17): w_m = sum_n heat_m / sum_j sum_n heat_j over the pair's auxiliary modalities,
+computed on the raw (not min-max normalised) image-grid maps; all-zero maps give equal weights.
+
+Whole volumes (``mode``):
+
+- ``"roi"`` (default): one window of the model's patch size centred on the predicted tumour
+  (centre of mass of the pair's target mask; if that is empty, of the predicted WT, then of any
+  predicted region, then the centre of the imaged box), zero-padded where the image is smaller.
+  One forward pass per distinct window (pairs of one region share it) and one backward pass per
+  pair. The maps are zero outside the window.
+- ``"sliding"``: Grad-CAM in every sliding window (overlap 0.5, as the prediction), each with its
+  own alpha, stitched with MONAI's Gaussian weighting exactly like the prediction. Slower (one
+  forward and one backward per pair per window) but covers the whole volume.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.inferers import sliding_window_inference
+from scipy import ndimage
+from torch import Tensor, nn
+
+from ciml_core.checkpoint import LoadedModel
+from ciml_core.data.dataset import LoadedCase
+from ciml_core.data.nifti import write_like
+from ciml_core.data.preprocess import crop, preprocess_image, uncrop
+from ciml_core.errors import ConfigError, InputDataError
+from ciml_core.infer import count_windows, resolve_device, sliding_window_predict
+from ciml_core.model import TaskDecomposition, probabilities_to_region_masks
+
+#: Ways of covering a whole volume.
+MODES = ("roi", "sliding")
+#: CIG level whose representations are explained (paper 4.6: the shallowest, P/2, C channels).
+EXPLAINED_LEVEL = 1
+#: Sliding-window overlap of ``mode="sliding"`` (the prediction's default).
+SLIDING_OVERLAP = 0.5
+WEIGHTS_CSV = "weights.csv"
+WEIGHTS_JSON = "weights.json"
+
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass
+class PairExplanation:
+    """Grad-CAM heatmaps and complementary-information weights of one (segmentor, region) pair.
+
+    Attributes:
+        segmentor: index of the segmentor (task) in the decomposition.
+        primary: its primary modality name(s) joined by "+", e.g. "t1".
+        region: the target region, e.g. "TC".
+        auxiliary: names of the K auxiliary modalities (each message's source segmentor's primary
+            modality name(s) joined by "+"), in message order.
+        heatmaps: auxiliary name -> heatmap on the full input grid, canonical (RAS+) voxel order
+            like ``LoadedCase.image``; raw (not normalised), float32, >= 0.
+        weights: auxiliary name -> w (Eq. 16-17), summing to 1.
+        heat_sums: auxiliary name -> sum of the heatmap over the grid (Eq. 17, zeta bar).
+        level_maps: auxiliary name -> the raw map at the CIG grid (P/2 of the window) before
+            upsampling; ``mode="roi"`` only (one window), empty for ``"sliding"``.
+        target: boolean mask (full grid, canonical order) of the voxels whose logits were summed
+            into y^k (inside the explained window(s)).
+        target_source: "prediction" (the model's predicted region) or "mask" (user ROI).
+        mode: "roi" or "sliding".
+        window: ``mode="roi"``: (start, stop) per canonical axis of the explained window in
+            full-grid voxel coordinates (it may reach past the grid where the image was padded).
+        centre: canonical voxel index (full grid) the window was centred on, for ``"roi"``; the
+            target's centre of mass for ``"sliding"`` (None when the target is empty).
+    """
+
+    segmentor: int
+    primary: str
+    region: str
+    auxiliary: tuple[str, ...]
+    heatmaps: dict[str, np.ndarray]
+    weights: dict[str, float]
+    heat_sums: dict[str, float] = field(default_factory=dict)
+    level_maps: dict[str, np.ndarray] = field(default_factory=dict)
+    target: np.ndarray | None = None
+    target_source: str = "prediction"
+    mode: str = "roi"
+    window: tuple[tuple[int, int], ...] | None = None
+    centre: tuple[int, ...] | None = None
+
+    @property
+    def name(self) -> str:
+        """``"T1:TC"`` style: upper-case primary modality, region as the decomposition spells it."""
+        return f"{self.primary.upper()}:{self.region}"
+
+    @property
+    def target_voxels(self) -> int:
+        """Number of voxels in the Grad-CAM target (0: nothing predicted, all maps zero)."""
+        return 0 if self.target is None else int(np.count_nonzero(self.target))
+
+
+# --------------------------------------------------------------------------------------------
+# Pairs
+# --------------------------------------------------------------------------------------------
+
+
+def _decomposition_of(obj: Any) -> TaskDecomposition:
+    """Accept a TaskDecomposition, a ModelConfig or a LoadedModel (the GUI has the latter)."""
+    if isinstance(obj, TaskDecomposition):
+        return obj
+    config = getattr(obj, "config", obj)
+    decomposition = getattr(config, "decomposition", None)
+    if not isinstance(decomposition, TaskDecomposition):
+        raise ConfigError(f"expected a task decomposition (or a model), got {type(obj).__name__}")
+    return decomposition
+
+
+def pair_name(decomposition: TaskDecomposition, segmentor: int, region: str) -> str:
+    """The pair's display / CLI name, e.g. ``"T1CE:ET"``."""
+    return f"{decomposition.tasks[segmentor].name.upper()}:{region}"
+
+
+def list_pairs(decomposition: TaskDecomposition) -> list[tuple[int, str]]:
+    """Every (segmentor, region) pair, in task order then the task's region order.
+
+    The BraTS default gives 6 pairs: (0, WT), (1, TC), (2, WT), (2, TC), (3, TC), (3, ET).
+    """
+    decomposition = _decomposition_of(decomposition)
+    return [(i, region) for i, task in enumerate(decomposition.tasks) for region in task.regions]
+
+
+def parse_pairs(spec: str, decomposition: TaskDecomposition) -> list[tuple[int, str]]:
+    """``"all"`` or a comma-separated list such as ``"FLAIR:WT,T1CE:ET"`` -> pairs.
+
+    Names are matched case-insensitively; duplicates are dropped (first occurrence kept).
+
+    Raises:
+        ConfigError: naming the item that is not a pair and listing the valid names.
+    """
+    decomposition = _decomposition_of(decomposition)
+    pairs = list_pairs(decomposition)
+    by_name = {pair_name(decomposition, i, r).lower(): (i, r) for i, r in pairs}
+    valid = ", ".join(pair_name(decomposition, i, r) for i, r in pairs)
+    if not isinstance(spec, str) or not spec.strip():
+        raise ConfigError(f"pairs: expected 'all' or a list such as {valid!r}, got {spec!r}")
+    if spec.strip().lower() == "all":
+        return pairs
+    chosen: list[tuple[int, str]] = []
+    for item in spec.split(","):
+        key = re.sub(r"\s+", "", item).lower()
+        if key not in by_name:
+            raise ConfigError(
+                f"pairs: {item.strip()!r} is not a (primary modality : region) pair of this "
+                f"model; valid pairs: {valid} (or 'all')"
+            )
+        if by_name[key] not in chosen:
+            chosen.append(by_name[key])
+    return chosen
+
+
+def auxiliary_names(model: nn.Module, decomposition: TaskDecomposition, segmentor: int) -> tuple[
+        str, ...]:
+    """Names of the messages segmentor ``segmentor`` receives, in message order."""
+    sources_of = getattr(model, "message_sources", None)
+    sources = (
+        sources_of(segmentor)
+        if callable(sources_of)
+        else [j for j in range(decomposition.num_tasks) if j != segmentor]
+    )
+    return tuple(decomposition.tasks[j].name for j in sources)
+
+
+# --------------------------------------------------------------------------------------------
+# Weights (Eq. 16-17)
+# --------------------------------------------------------------------------------------------
+
+
+def heat_sums(heatmaps: dict[str, np.ndarray]) -> dict[str, float]:
+    """Eq. 17: the sum of each raw heatmap over its grid (float64 accumulation)."""
+    if not heatmaps:
+        raise ConfigError("complementary weights need at least one heatmap")
+    shapes = {name: np.shape(m) for name, m in heatmaps.items()}
+    if len(set(shapes.values())) > 1:
+        raise InputDataError(f"heatmaps of one pair must share one grid; got shapes {shapes}")
+    sums = {}
+    for name, heat in heatmaps.items():
+        heat = np.asarray(heat, dtype=np.float64)
+        if not np.all(np.isfinite(heat)) or (heat.size and heat.min() < 0):
+            raise InputDataError(
+                f"heatmap {name!r} must be finite and >= 0 (a ReLU'd Grad-CAM map); "
+                f"found min {np.nanmin(heat) if heat.size else 0:.3g}"
+            )
+        sums[name] = float(heat.sum())
+    return sums
+
+
+def complementary_weights(heatmaps: dict[str, np.ndarray]) -> dict[str, float]:
+    """Eq. 16-17 on raw maps: w_m = sum_n heat_m / sum_j sum_n heat_j.
+
+    All maps zero (nothing to explain, e.g. an empty target) gives equal weights 1/K, never NaN.
+    """
+    sums = heat_sums(heatmaps)
+    total = sum(sums.values())
+    if not total > 0:
+        return {name: 1.0 / len(sums) for name in sums}
+    return {name: value / total for name, value in sums.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Grad-CAM on one window
+# --------------------------------------------------------------------------------------------
+
+
+def _gates(model: nn.Module, segmentor: int) -> nn.Module:
+    """The CIG whose taps are explained, with a clear error for networks without messages."""
+    segmentors = getattr(model, "segmentors", None)
+    gates = getattr(segmentors[segmentor], "gates", None) if segmentors is not None else None
+    if gates is None:
+        variant = getattr(getattr(model, "config", None), "variant", type(model).__name__)
+        raise ConfigError(
+            f"Grad-CAM explains the complementary representations of the CIG modules; the "
+            f"model (variant {variant!r}) has none. Use a CIML variant that passes messages "
+            f"(full, vi, attention, message)."
+        )
+    return gates[EXPLAINED_LEVEL - 1]
+
+
+class _TapRecorder:
+    """Forward hooks on the level-1 ``representation_taps`` of some segmentors: records z_m."""
+
+    def __init__(self, model: nn.Module, segmentors: Sequence[int]) -> None:
+        self.outputs: dict[tuple[int, int], Tensor] = {}
+        self._handles = []
+        for i in segmentors:
+            for m, tap in enumerate(_gates(model, i).representation_taps):
+                self._handles.append(tap.register_forward_hook(self._hook(i, m)))
+
+    def _hook(self, i: int, m: int):
+        def hook(_module: nn.Module, _args: Any, output: Tensor) -> None:
+            # Keep the graph node itself: autograd.grad(y, A) then gives dy/dA (and nothing else
+            # accumulates in .grad of the parameters).
+            self.outputs[(i, m)] = output
+
+        return hook
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> _TapRecorder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _upsample(cam: Tensor, size: Sequence[int]) -> Tensor:
+    """``[1, 1, *low]`` -> ``[1, 1, *size]``, (bi/tri)linear with ``align_corners=False`` (as
+    MONAI's Grad-CAM upsampler)."""
+    mode = "trilinear" if len(size) == 3 else "bilinear"
+    return F.interpolate(cam, size=tuple(size), mode=mode, align_corners=False)
+
+
+def gradcam_window(
+    model: nn.Module,
+    window: Tensor,
+    targets: Tensor,
+    pairs: Sequence[tuple[int, str]],
+    target_channels: Sequence[int],
+    *,
+    num_messages: int,
+    on_backward: Callable[[], None] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Grad-CAM of every pair on one window: one forward pass, one backward pass per pair.
+
+    Args:
+        model: a CIML network in eval mode (``segmentors[i].gates[0].representation_taps``).
+        window: ``[1, M, *P]`` network input.
+        targets: ``[1, T, *P]`` target masks (0/1); pair p uses channel ``target_channels[p]``.
+        pairs: (segmentor, region) pairs.
+        num_messages: K.
+        on_backward: called after each backward pass (progress / cancellation).
+
+    Returns:
+        ``(image_maps [n_pairs, K, *P], level_maps [n_pairs, K, *P/2])``, float32, >= 0.
+    """
+    size = tuple(window.shape[2:])
+    # Grad-CAM needs autograd even when called from inference code (a GUI worker may run under
+    # torch.inference_mode); the clone makes the input a normal tensor there.
+    with torch.inference_mode(False), torch.enable_grad(), _TapRecorder(
+            model, sorted({i for i, _ in pairs})) as taps:
+        # The input requires grad so that the graph exists even if the parameters are frozen.
+        x = window.detach().float().clone().requires_grad_(True)
+        output = model(x)
+        image_maps, level_maps = [], []
+        for p, (i, region) in enumerate(pairs):
+            channel = output.task_regions[i].index(region)
+            mask = targets[:, target_channels[p]].to(output.logits[i].dtype)
+            y = (output.logits[i][:, channel] * mask).sum()
+            activations = [taps.outputs[(i, m)] for m in range(num_messages)]
+            if bool(mask.any()):
+                grads = torch.autograd.grad(y, activations, retain_graph=True, allow_unused=True)
+            else:  # empty target: y is constant 0, every gradient is 0
+                grads = (None,) * num_messages
+            pair_image, pair_level = [], []
+            for a, g in zip(activations, grads, strict=True):
+                a = a.detach().float()
+                g = torch.zeros_like(a) if g is None else g.float()
+                spatial = tuple(range(2, a.dim()))
+                alpha = g.mean(dim=spatial, keepdim=True)  # Eq. 15: mean over the N voxels
+                cam = torch.relu((alpha * a).sum(dim=1, keepdim=True))  # Eq. 14
+                pair_level.append(cam[0, 0])
+                # ReLU before upsampling: (bi/tri)linear interpolation of a map >= 0 stays >= 0.
+                pair_image.append(_upsample(cam, size)[0, 0])
+            image_maps.append(torch.stack(pair_image))
+            level_maps.append(torch.stack(pair_level))
+            if on_backward is not None:
+                on_backward()
+    return torch.stack(image_maps), torch.stack(level_maps)
+
+
+# --------------------------------------------------------------------------------------------
+# Whole cases
+# --------------------------------------------------------------------------------------------
+
+
+def _centre_of_mass(mask: np.ndarray) -> tuple[float, ...] | None:
+    if not mask.any():
+        return None
+    return tuple(float(c) for c in ndimage.center_of_mass(mask))
+
+
+def _roi_window(centre: Sequence[float], shape: Sequence[int], patch: Sequence[int]) -> tuple[
+        tuple[int, int], ...]:
+    """A patch-sized window (start, stop) per axis centred on ``centre`` (cropped-grid
+    coordinates), shifted to lie inside the grid where the grid is large enough, else centred on
+    the grid (the caller zero-pads)."""
+    window = []
+    for c, n, p in zip(centre, shape, patch, strict=True):
+        if n >= p:
+            start = int(np.clip(round(c - p / 2), 0, n - p))
+        else:
+            start = -((p - n) // 2)
+        window.append((start, start + p))
+    return tuple(window)
+
+
+def _extract(array: np.ndarray, window: Sequence[tuple[int, int]]) -> np.ndarray:
+    """``array[..., window]`` with zeros where the window reaches past the grid."""
+    spatial = array.shape[-len(window):]
+    out = np.zeros(array.shape[: -len(window)] + tuple(b - a for a, b in window), array.dtype)
+    src, dst = [], []
+    for (a, b), n in zip(window, spatial, strict=True):
+        lo, hi = max(a, 0), min(b, n)
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - a, hi - a))
+    lead = (slice(None),) * (array.ndim - len(window))
+    out[lead + tuple(dst)] = array[lead + tuple(src)]
+    return out
+
+
+def _paste(values: np.ndarray, window: Sequence[tuple[int, int]], shape: Sequence[int]) -> np.ndarray:
+    """Put window-sized ``values [..., *P]`` onto a zero grid of ``shape`` (inverse of _extract)."""
+    out = np.zeros(values.shape[: -len(window)] + tuple(shape), values.dtype)
+    src, dst = [], []
+    for (a, b), n in zip(window, shape, strict=True):
+        lo, hi = max(a, 0), min(b, n)
+        dst.append(slice(lo, hi))
+        src.append(slice(lo - a, hi - a))
+    lead = (slice(None),) * (values.ndim - len(window))
+    out[lead + tuple(dst)] = values[lead + tuple(src)]
+    return out
+
+
+class _Counter:
+    """One progress bar over the prediction windows and the Grad-CAM passes."""
+
+    def __init__(self, total: int, progress: ProgressFn | None) -> None:
+        self.total, self.done, self.progress = total, 0, progress
+
+    def step(self, n: int = 1) -> None:
+        self.done += n
+        if self.progress is not None:
+            # Exceptions (ciml_core.infer.Cancelled) propagate: that is how a run is cancelled.
+            self.progress(self.done, self.total)
+
+
+def _check_inputs(loaded: LoadedModel, case: LoadedCase, mode: str,
+                  target_mask: np.ndarray | None, prediction: np.ndarray | None) -> None:
+    if mode not in MODES:
+        raise ConfigError(f"mode: expected one of {list(MODES)}, got {mode!r}")
+    if tuple(case.modalities) != tuple(loaded.modalities):
+        raise InputDataError(
+            f"case {case.case_id}: the model {loaded.path} expects modalities "
+            f"{list(loaded.modalities)} in that order, the case provides {list(case.modalities)}"
+        )
+    grid = tuple(case.image.shape[1:])
+    if target_mask is not None:
+        if tuple(np.shape(target_mask)) != grid:
+            raise InputDataError(
+                f"case {case.case_id}: target mask has shape {tuple(np.shape(target_mask))}; "
+                f"expected the image grid {grid} (canonical voxel order)"
+            )
+        if not np.any(target_mask):
+            raise InputDataError(f"case {case.case_id}: the target mask (ROI) is empty")
+    if prediction is not None and tuple(np.shape(prediction)) != (len(loaded.regions), *grid):
+        raise InputDataError(
+            f"case {case.case_id}: prediction has shape {tuple(np.shape(prediction))}; expected "
+            f"per-region probabilities {(len(loaded.regions), *grid)} ({list(loaded.regions)})"
+        )
+
+
+def explain_case(
+    loaded: LoadedModel,
+    case: LoadedCase,
+    pairs: Sequence[tuple[int, str]] | str | None = None,
+    *,
+    target_mask: np.ndarray | None = None,
+    mode: str = "roi",
+    device: str | torch.device = "auto",
+    progress: ProgressFn | None = None,
+    prediction: np.ndarray | None = None,
+    overlap: float = SLIDING_OVERLAP,
+) -> list[PairExplanation]:
+    """Grad-CAM heatmaps and complementary-information weights of ``pairs`` on one case.
+
+    Args:
+        loaded: a CIML checkpoint (``load_checkpoint``).
+        case: the case (``load_case`` with ``loaded.modalities``).
+        pairs: (segmentor, region) pairs, a ``parse_pairs`` string, or None for every pair.
+        target_mask: a user ROI (boolean, the image grid in canonical order): y^k sums the region
+            logit over it instead of over the predicted region.
+        mode: ``"roi"`` (one window centred on the tumour) or ``"sliding"`` (every window,
+            Gaussian-stitched); see the module docstring.
+        device: "auto", "cpu", "cuda", ... (windows run there, the volume stays on the CPU).
+        progress: ``progress(done, total)`` after each prediction window and each backward pass
+            (``"roi"``) or Grad-CAM window (``"sliding"``); an exception raised in it (e.g.
+            :class:`ciml_core.infer.Cancelled`) stops the run and propagates.
+        prediction: per-region probabilities ``(R, *grid)`` already computed for this case
+            (``CasePrediction.probabilities``); saves predicting again when no ``target_mask``.
+        overlap: sliding-window overlap for ``mode="sliding"`` and the prediction.
+
+    Returns:
+        One :class:`PairExplanation` per pair, in the order given.
+    """
+    _check_inputs(loaded, case, mode, target_mask, prediction)
+    decomposition = loaded.config.decomposition
+    if pairs is None:
+        pairs = list_pairs(decomposition)
+    elif isinstance(pairs, str):
+        pairs = parse_pairs(pairs, decomposition)
+    pairs = list(pairs)
+    valid = list_pairs(decomposition)
+    for pair in pairs:
+        if tuple(pair) not in valid:
+            raise ConfigError(f"pair {pair!r} is not a (segmentor, region) pair of this model; "
+                              f"valid: {valid}")
+    if not pairs:
+        raise ConfigError("no pair to explain")
+    model = loaded.model
+    for i in {i for i, _ in pairs}:
+        _gates(model, i)  # fail early, before predicting, on a model without CIGs
+    dev = resolve_device(device)
+    model.to(dev).eval()
+    patch = tuple(loaded.config.patch_size)
+    pre = preprocess_image(case.image, case.modalities,
+                           pet_method=loaded.info.normalisation.get("pet_method", "log"))
+    cropped_shape = pre.image.shape[1:]
+
+    need_prediction = target_mask is None and prediction is None
+    n_pred = count_windows(cropped_shape, patch, overlap) if need_prediction else 0
+    n_cam = len(pairs) if mode == "roi" else count_windows(cropped_shape, patch, overlap)
+    counter = _Counter(n_pred + n_cam, progress)
+
+    # Target masks on the cropped grid: one channel per region, or one channel for the ROI.
+    if target_mask is not None:
+        targets = crop(np.asarray(target_mask, dtype=bool), pre.box)[None]
+        target_channels = [0] * len(pairs)
+        source = "mask"
+    else:
+        if prediction is None:
+            probs = sliding_window_predict(loaded, pre.image, overlap=overlap, device=dev,
+                                           progress=lambda done, total: counter.step())
+        else:
+            probs = crop(np.asarray(prediction, dtype=np.float32), pre.box)
+        targets = probabilities_to_region_masks(torch.from_numpy(np.ascontiguousarray(probs))[None],
+                                                loaded.regions)[0].numpy()
+        target_channels = [decomposition.region_index(r) for _, r in pairs]
+        source = "prediction"
+
+    num_messages = decomposition.num_tasks - 1
+    if mode == "roi":
+        results = _explain_roi(model, pre.image, targets, pairs, target_channels, patch, dev,
+                               num_messages, counter, decomposition, source == "mask")
+    else:
+        results = _explain_sliding(model, pre.image, targets, pairs, target_channels, patch, dev,
+                                   num_messages, counter, overlap)
+
+    explanations = []
+    for p, (i, region) in enumerate(pairs):
+        image_maps, level_maps, window, centre, target = results[p]
+        names = auxiliary_names(model, decomposition, i)
+        heatmaps = {name: uncrop(image_maps[m].astype(np.float32), pre.box, fill=0.0)
+                    for m, name in enumerate(names)}
+        shift = [s.start for s in pre.box.slices]
+        explanations.append(PairExplanation(
+            segmentor=i,
+            primary=decomposition.tasks[i].name,
+            region=region,
+            auxiliary=names,
+            heatmaps=heatmaps,
+            weights=complementary_weights(heatmaps),
+            heat_sums=heat_sums(heatmaps),
+            level_maps=({name: level_maps[m] for m, name in enumerate(names)}
+                        if level_maps is not None else {}),
+            target=uncrop(target, pre.box, fill=False),
+            target_source=source,
+            mode=mode,
+            window=(tuple((a + o, b + o) for (a, b), o in zip(window, shift, strict=True))
+                    if window is not None else None),
+            centre=(tuple(int(round(c + o)) for c, o in zip(centre, shift, strict=True))
+                    if centre is not None else None),
+        ))
+    return explanations
+
+
+def _roi_centre(targets: np.ndarray, channel: int, decomposition: TaskDecomposition,
+                source_is_mask: bool) -> tuple[float, ...]:
+    """Where to centre the window: the pair's target, else WT, else any region, else the box."""
+    candidates = [targets[channel]]
+    if not source_is_mask:
+        if "WT" in decomposition.regions:
+            candidates.append(targets[decomposition.region_index("WT")])
+        candidates.append(targets.any(axis=0))
+    for mask in candidates:
+        centre = _centre_of_mass(mask)
+        if centre is not None:
+            return centre
+    return tuple((n - 1) / 2 for n in targets.shape[1:])
+
+
+def _explain_roi(model, image, targets, pairs, target_channels, patch, dev, num_messages,
+                 counter, decomposition, source_is_mask):
+    shape = image.shape[1:]
+    # Group the pairs by window so that pairs sharing a target share the forward pass.
+    windows: dict[tuple[tuple[int, int], ...], list[int]] = {}
+    centres = []
+    for p, channel in enumerate(target_channels):
+        centre = _roi_centre(targets, channel, decomposition, source_is_mask)
+        centres.append(centre)
+        windows.setdefault(_roi_window(centre, shape, patch), []).append(p)
+    results: list[Any] = [None] * len(pairs)
+    for window, members in windows.items():
+        x = torch.from_numpy(_extract(image, window))[None].to(dev)
+        t = torch.from_numpy(_extract(targets, window))[None].to(dev)
+        image_maps, level_maps = gradcam_window(
+            model, x, t, [pairs[p] for p in members], [target_channels[p] for p in members],
+            num_messages=num_messages, on_backward=counter.step,
+        )
+        image_maps, level_maps = image_maps.cpu().numpy(), level_maps.cpu().numpy()
+        for j, p in enumerate(members):
+            target = _paste(_extract(targets[target_channels[p]], window), window, shape)
+            results[p] = (_paste(image_maps[j], window, shape), level_maps[j], window,
+                          centres[p], target)
+    return results
+
+
+def _explain_sliding(model, image, targets, pairs, target_channels, patch, dev, num_messages,
+                     counter, overlap):
+    n_channels = image.shape[0]
+    # The target masks ride along as extra input channels, so that MONAI cuts (and pads) them
+    # exactly like the image and the stitching is the prediction's own.
+    stacked = np.concatenate([image, targets.astype(np.float32)])
+
+    def predictor(window: Tensor) -> Tensor:
+        maps, _ = gradcam_window(model, window[:, :n_channels], window[:, n_channels:] > 0.5,
+                                 pairs, target_channels, num_messages=num_messages)
+        counter.step()
+        return maps.reshape(1, len(pairs) * num_messages, *maps.shape[2:]).detach()
+
+    x = torch.from_numpy(np.ascontiguousarray(stacked))[None]
+    stitched = sliding_window_inference(
+        x, roi_size=patch, sw_batch_size=1, predictor=predictor, overlap=overlap,
+        mode="gaussian", sw_device=dev, device=torch.device("cpu"),
+    )
+    maps = stitched[0].reshape(len(pairs), num_messages, *image.shape[1:]).numpy()
+    # Gaussian blending of maps >= 0 stays >= 0 up to rounding; clip the rounding.
+    maps = np.clip(maps, 0, None)
+    results = []
+    for p, channel in enumerate(target_channels):
+        target = targets[channel]
+        results.append((maps[p], None, None, _centre_of_mass(target), target))
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
+
+
+def _tag(name: str) -> str:
+    """A file-name-safe tag: ':' -> '-', anything odd -> '_'."""
+    return re.sub(r"[^A-Za-z0-9+._-]", "_", name.replace(":", "-"))
+
+
+def heatmap_filename(case_id: str, explanation: PairExplanation | str, auxiliary: str) -> str:
+    """``<case>_heatmap_T1-TC_from_T1CE.nii.gz`` (``explanation``: a pair or its name)."""
+    name = explanation if isinstance(explanation, str) else explanation.name
+    return f"{case_id}_heatmap_{_tag(name)}_from_{_tag(auxiliary.upper())}.nii.gz"
+
+
+def planned_paths(loaded: LoadedModel, case_id: str, pairs: Sequence[tuple[int, str]],
+                  out_dir: Path) -> list[Path]:
+    """The files :func:`write_explanations` will write for ``pairs`` (check them before a long
+    run instead of failing after it)."""
+    decomposition = loaded.config.decomposition
+    paths = [Path(out_dir) / heatmap_filename(case_id, pair_name(decomposition, i, r), aux)
+             for i, r in pairs for aux in auxiliary_names(loaded.model, decomposition, i)]
+    return paths + [Path(out_dir) / WEIGHTS_CSV, Path(out_dir) / WEIGHTS_JSON]
+
+
+def weights_table(explanations: Sequence[PairExplanation], case_id: str) -> list[dict[str, Any]]:
+    """One row per pair and auxiliary modality (what weights.csv holds)."""
+    rows = []
+    for e in explanations:
+        for aux in e.auxiliary:
+            rows.append({
+                "case": case_id, "pair": e.name, "segmentor": e.segmentor, "primary": e.primary,
+                "region": e.region, "auxiliary": aux, "weight": e.weights[aux],
+                "heat_sum": e.heat_sums.get(aux, float(np.sum(e.heatmaps[aux], dtype=np.float64))),
+                "target_voxels": e.target_voxels, "target_source": e.target_source,
+                "mode": e.mode,
+            })
+    return rows
+
+
+def atomic_write(path: Path, write: Callable[[Any], None], *, binary: bool = False) -> Path:
+    """Write ``path`` through a temporary file in the same folder and a rename, so a reader never
+    sees half a file. ``write(fh)`` fills the open file.
+
+    The temporary file is created with mode 0o666 minus the umask (``tempfile.mkstemp`` would
+    leave 0o600, and the rename would keep it, making outputs unreadable for other users).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"newline": ""})) as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _atomic_write_text(path: Path, text: str) -> Path:
+    return atomic_write(path, lambda fh: fh.write(text))
+
+
+def write_explanations(
+    explanations: Sequence[PairExplanation],
+    case: LoadedCase,
+    out_dir: Path,
+    *,
+    overwrite: bool = False,
+) -> list[Path]:
+    """Write every heatmap as NIfTI (the input's affine, header and voxel order), ``weights.csv``
+    and ``weights.json`` into ``out_dir``; return the paths written.
+
+    Nothing is written when any target exists and ``overwrite`` is False (FileExistsError).
+    """
+    out_dir = Path(out_dir)
+    nifti = [(out_dir / heatmap_filename(case.case_id, e, aux), e.heatmaps[aux])
+             for e in explanations for aux in e.auxiliary]
+    targets = [p for p, _ in nifti] + [out_dir / WEIGHTS_CSV, out_dir / WEIGHTS_JSON]
+    existing = [str(p) for p in targets if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{existing[0]} already exists (use --overwrite to replace it)")
+    written = [write_like(heat, case.reference, path, dtype=np.float32, overwrite=overwrite)
+               for path, heat in nifti]
+
+    rows = weights_table(explanations, case.case_id)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["case"])
+    writer.writeheader()
+    writer.writerows(rows)
+    written.append(_atomic_write_text(out_dir / WEIGHTS_CSV, buffer.getvalue()))
+    document = {
+        "case": case.case_id,
+        "definition": "w = sum of the raw Grad-CAM heatmap of an auxiliary modality / sum over "
+                      "the pair's auxiliary modalities (paper Eq. 16-17)",
+        "pairs": [{
+            "pair": e.name, "segmentor": e.segmentor, "primary": e.primary, "region": e.region,
+            "auxiliary": list(e.auxiliary), "weights": e.weights, "heat_sums": e.heat_sums,
+            "target_voxels": e.target_voxels, "target_source": e.target_source, "mode": e.mode,
+            "window": [list(w) for w in e.window] if e.window is not None else None,
+            "centre": list(e.centre) if e.centre is not None else None,
+            "files": {aux: heatmap_filename(case.case_id, e, aux) for aux in e.auxiliary},
+        } for e in explanations],
+    }
+    written.append(_atomic_write_text(out_dir / WEIGHTS_JSON, json.dumps(document, indent=2) + "\n"))
+    return written
+
+
+__all__ = [
+    "MODES",
+    "PairExplanation",
+    "atomic_write",
+    "complementary_weights",
+    "explain_case",
+    "gradcam_window",
+    "heat_sums",
+    "list_pairs",
+    "parse_pairs",
+    "planned_paths",
+    "write_explanations",
+]
