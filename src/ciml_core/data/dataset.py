@@ -80,3 +80,76 @@ def load_case(
         label = label_volume.data.astype(np.uint8)
     image = np.stack([volumes[m].data.astype(np.float32, copy=False) for m in wanted])
     return LoadedCase(case.case_id, wanted, image, label, volumes[wanted[0]].source)
+
+
+def case_from_arrays(
+    case_id: str,
+    arrays: dict[str, np.ndarray],
+    reference: NiftiSource,
+    *,
+    sources: dict[str, NiftiSource | None] | None = None,
+    names: dict[str, str] | None = None,
+) -> LoadedCase:
+    """Build a :class:`LoadedCase` from in-memory volumes (e.g. napari layers), validated like
+    :func:`load_case`.
+
+    Args:
+        case_id: the case's id (used in messages and output names).
+        arrays: modality -> 3-D array in canonical (RAS+) voxel order, in the model's modality
+            order; the channel order of ``image`` follows this dict.
+        reference: the source the outputs are written back to; its canonical grid must match.
+        sources: optional modality -> the volume's own :class:`NiftiSource` (None when unknown);
+            known sources must share one affine (within :data:`AFFINE_TOLERANCE_MM`).
+        names: optional modality -> what to call the volume in messages (e.g. a layer name).
+
+    Raises:
+        InputDataError: no volume, a volume with NaN/Inf or all zero.
+        GeometryError: a volume is not 3-D, or the volumes (or their affines) differ, or they do
+            not lie on ``reference``'s grid.
+    """
+    from ciml_core.data.nifti import AFFINE_TOLERANCE_MM
+    from ciml_core.errors import GeometryError
+
+    if not arrays:
+        raise InputDataError(f"case {case_id}: no image volume given")
+    names = names or {}
+
+    def label(modality: str) -> str:
+        name = names.get(modality)
+        return f"'{name}' ({modality})" if name and name != modality else f"'{modality}'"
+
+    volumes = {m: np.asarray(a) for m, a in arrays.items()}
+    first = next(iter(volumes))
+    for m, a in volumes.items():
+        if a.ndim != 3:
+            raise GeometryError(f"case {case_id}: {label(m)} has shape {a.shape}; expected a "
+                                "3-D volume")
+        if a.shape != volumes[first].shape:
+            raise GeometryError(
+                f"case {case_id}: {label(m)} has shape {a.shape} but {label(first)} has shape "
+                f"{volumes[first].shape}; all modalities of a case must share one grid"
+            )
+        if np.issubdtype(a.dtype, np.floating) and not np.all(np.isfinite(a)):
+            raise InputDataError(f"case {case_id}: {label(m)} holds NaN or Inf voxels; expected "
+                                 "finite intensities")
+        if not np.any(a):
+            raise InputDataError(f"case {case_id}: every voxel of {label(m)} is zero; expected "
+                                 "a non-empty image")
+    if volumes[first].shape != reference.canonical_shape:
+        raise GeometryError(
+            f"case {case_id}: the images have shape {volumes[first].shape} but their reference "
+            f"grid {reference.path} has shape {reference.canonical_shape} (canonical order)"
+        )
+    known = {m: s for m, s in (sources or {}).items() if s is not None and m in volumes}
+    if known:
+        m0, s0 = next(iter(known.items()))
+        for m, s in known.items():
+            diff = float(np.abs(s.canonical_affine - s0.canonical_affine).max())
+            if diff > AFFINE_TOLERANCE_MM:
+                raise GeometryError(
+                    f"case {case_id}: {label(m)} ({s.path}) and {label(m0)} ({s0.path}) have "
+                    f"affines that differ by up to {diff:.4g} mm (tolerance "
+                    f"{AFFINE_TOLERANCE_MM} mm); resample them onto one grid first"
+                )
+    image = np.stack([volumes[m].astype(np.float32, copy=False) for m in volumes])
+    return LoadedCase(case_id, tuple(volumes), image, None, reference)

@@ -1,0 +1,304 @@
+"""Pieces the dock widgets share: notifications, layer combos, background jobs, torch threads."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from napari.utils import notifications
+from qtpy.QtCore import QObject, Signal
+from qtpy.QtWidgets import QComboBox, QHBoxLayout, QLabel, QProgressBar, QPushButton, QWidget
+
+from ciml_core.errors import CimlError
+from ciml_core.infer import Cancelled
+from napari_ciml._session import get_session
+
+#: Exceptions that are the user's input, not a bug: shown as one readable notification.
+USER_ERRORS = (CimlError, ValueError, OSError)
+NONE_TEXT = "(none)"
+
+
+def notify_error(error: BaseException | str) -> None:
+    """Show an error the way napari shows errors (a notification), with ciml_core's message."""
+    notifications.show_error(str(error))
+
+
+def notify_info(message: str) -> None:
+    notifications.show_info(message)
+
+
+class ProgressRelay(QObject):
+    """Carries ``(done, total)`` from a worker thread to the GUI thread (a queued signal)."""
+
+    progress = Signal(int, int)
+
+
+def worker_threads() -> int:
+    """Torch threads for a background job: leave one core to the GUI thread, so that the event
+    loop (and the canvas) keeps running while the kernels use the rest."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 2) - 1)
+
+
+_THREADS_LOCK = threading.Lock()
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run a block with ``torch.set_num_threads(n)`` (process-wide) and restore it after."""
+    with _THREADS_LOCK:
+        before = torch.get_num_threads()
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        with _THREADS_LOCK:
+            torch.set_num_threads(before)
+
+
+def start_job(func: Callable[..., Any], *args: Any, on_result: Callable[[Any], None],
+              on_error: Callable[[BaseException], None], on_finished: Callable[[], None],
+              **kwargs: Any):
+    """Run ``func`` in a napari background worker; results and errors come back in the GUI
+    thread. napari lists the job in its activity/status bar (with its own cancel button)."""
+    from napari.qt.threading import create_worker
+
+    worker = create_worker(func, *args, _start_thread=False, _ignore_errors=True, **kwargs)
+    worker.returned.connect(on_result)
+    worker.errored.connect(on_error)
+    worker.finished.connect(on_finished)
+    worker.start()
+    return worker
+
+
+#: Pause between two GUI steps of a result (ms).
+STEP_PAUSE_MS = 15
+
+
+def run_steps(steps: list[Callable[[], None]], done: Callable[[], None],
+              error: Callable[[BaseException], None]) -> None:
+    """Run ``steps`` in the GUI thread one per event-loop turn, then ``done``.
+
+    Adding a napari layer costs ~0.1 s of GUI-thread time (vispy node, texture); adding a
+    dozen in one slot would freeze the viewer for a second. One layer per turn keeps every
+    pause short while the result appears. A step raising one of :data:`USER_ERRORS` stops
+    the chain and goes to ``error`` (then ``done``).
+    """
+    from qtpy.QtCore import QTimer
+
+    remaining = list(steps)
+    # A zero-delay single shot can run before overdue timers and paint events; a short delay
+    # gives the event loop a real turn between two layers.
+
+    def step() -> None:
+        if not remaining:
+            done()
+            return
+        try:
+            remaining.pop(0)()
+        except USER_ERRORS as err:
+            remaining.clear()
+            error(err)
+        QTimer.singleShot(STEP_PAUSE_MS, step)
+
+    QTimer.singleShot(0, step)
+
+
+def fill_combo(combo: QComboBox, names: list[str], current: str | None, *,
+               allow_none: bool = False) -> None:
+    """Refill a combo with ``names`` (plus '(none)'), keeping ``current`` when still present."""
+    combo.blockSignals(True)
+    try:
+        combo.clear()
+        if allow_none:
+            combo.addItem(NONE_TEXT)
+        combo.addItems(names)
+        if current is not None and current in names:
+            combo.setCurrentText(current)
+        elif allow_none:
+            combo.setCurrentIndex(0)
+    finally:
+        combo.blockSignals(False)
+
+
+def combo_value(combo: QComboBox) -> str | None:
+    text = combo.currentText()
+    return None if not text or text == NONE_TEXT else text
+
+
+class CimlWidget(QWidget):
+    """Base of the dock widgets: the viewer, its :class:`CimlSession`, layer-change refreshes."""
+
+    def __init__(self, napari_viewer) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.session = get_session(napari_viewer)
+        events = napari_viewer.layers.events
+        events.inserted.connect(self._on_layer_inserted)
+        events.removed.connect(self._on_layers_changed)
+        events.reordered.connect(self._on_layers_changed)
+        for layer in napari_viewer.layers:
+            layer.events.name.connect(self._on_layers_changed)
+
+    def _on_layer_inserted(self, event) -> None:
+        event.value.events.name.connect(self._on_layers_changed)
+        self._on_layers_changed()
+
+    def _on_layers_changed(self, event=None) -> None:
+        try:
+            self.refresh_layers()
+        except RuntimeError:  # the Qt side of a closed dock widget is gone; nothing to refresh
+            pass
+
+    def refresh_layers(self) -> None:
+        """Update the layer choices (override)."""
+
+
+class JobWidget(CimlWidget):
+    """A widget that runs one ciml_core job at a time in a napari background worker.
+
+    Subclasses build ``run_button``, ``cancel_button``, ``progress_bar`` and ``status_label``,
+    start a job with :meth:`_launch` and turn its result into GUI steps
+    (:meth:`_result_steps`, one layer per step, see :func:`run_steps`). The job gets
+    ``should_stop`` and ``relay`` keyword arguments: it reports ``relay.progress.emit(done,
+    total)`` and raises :class:`~ciml_core.infer.Cancelled` when ``should_stop()`` is true,
+    which is what ciml_core's ``progress`` callbacks are for.
+    """
+
+    #: emitted in the GUI thread when a run is over: "done", "cancelled" or "error"
+    run_finished = Signal(str)
+    job_title = "CIML"
+
+    run_button: QPushButton
+    cancel_button: QPushButton
+    progress_bar: QProgressBar
+    status_label: QLabel
+
+    def __init__(self, napari_viewer) -> None:
+        super().__init__(napari_viewer)
+        self.worker = None
+        self.last_error: str | None = None
+        self._outcome = "error"
+        self._worker_done = True
+        self._steps_pending = False
+        self._cancel = threading.Event()
+        self._relay = ProgressRelay()
+        self._relay.progress.connect(self._on_progress)
+        self._pbar = None
+
+    def _add_run_controls(self, layout, progress_format: str | None = None) -> None:
+        """Run / Cancel buttons, a progress bar and a status line at the bottom of ``layout``."""
+        buttons = QHBoxLayout()
+        self.run_button = QPushButton("Run")
+        self.run_button.clicked.connect(self.run)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.clicked.connect(self.cancel)
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.cancel_button)
+        layout.addLayout(buttons)
+        self.progress_bar = QProgressBar()
+        if progress_format:
+            self.progress_bar.setFormat(progress_format)
+        layout.addWidget(self.progress_bar)
+        self.status_label = QLabel("")
+        self.status_label.setWordWrap(True)
+        layout.addWidget(self.status_label)
+        layout.addStretch(1)
+
+    @property
+    def busy(self) -> bool:
+        """True from Run until the result is on screen (or the run failed / was cancelled)."""
+        return self.worker is not None
+
+    def _launch(self, func: Callable[..., Any], *args: Any, **kwargs: Any):
+        self._cancel.clear()
+        self._outcome, self._worker_done, self._steps_pending = "error", False, False
+        self._set_running(True)
+        self.worker = start_job(func, *args, should_stop=self._should_stop, relay=self._relay,
+                                on_result=self._on_result, on_error=self._on_error,
+                                on_finished=self._on_finished, **kwargs)
+        return self.worker
+
+    def cancel(self) -> None:
+        """Ask the running job to stop at its next progress report; no layer is changed."""
+        if self.worker is not None and not self._worker_done:
+            self._cancel.set()
+            self.status_label.setText("Cancelling…")
+
+    def _should_stop(self) -> bool:
+        # our Cancel button, or napari's own cancel in its status bar (worker.quit())
+        worker = self.worker
+        return self._cancel.is_set() or bool(worker is not None and worker.abort_requested)
+
+    def _set_running(self, running: bool) -> None:
+        self.run_button.setEnabled(not running)
+        self.cancel_button.setEnabled(running)
+        if running or self._outcome != "done":  # a finished run keeps its full bar
+            self.progress_bar.setValue(0)
+        if running:
+            from napari.utils import progress
+
+            self._pbar = progress(total=0, desc=self.job_title)
+        elif self._pbar is not None:
+            self._pbar.close()
+            self._pbar = None
+
+    def _on_progress(self, done: int, total: int) -> None:
+        self.progress_bar.setMaximum(total)
+        self.progress_bar.setValue(done)
+        if self._pbar is not None:
+            self._pbar.total = total
+            self._pbar.update(done - self._pbar.n)
+
+    def _on_error(self, err: BaseException) -> None:
+        if isinstance(err, Cancelled):
+            self._outcome = "cancelled"
+            self.status_label.setText("Cancelled; no layer was changed.")
+            notify_info(f"CIML: {err}")
+            return
+        self._outcome = "error"
+        self.last_error = str(err)
+        self.status_label.setText(f"Failed: {err}")
+        notify_error(err)
+
+    def _on_result(self, result: Any) -> None:
+        try:
+            steps = self._result_steps(result)
+        except USER_ERRORS as err:  # e.g. a layer removed while the job ran
+            self._on_error(err)
+            return
+        self._outcome, self._steps_pending = "done", True
+        run_steps(steps, self._after_steps, self._on_error)
+
+    def _after_steps(self) -> None:
+        self._steps_pending = False
+        if self._outcome == "done":
+            self._result_shown()
+        if self._worker_done:
+            self._complete()
+
+    def _on_finished(self) -> None:
+        self._worker_done = True
+        if not self._steps_pending:
+            self._complete()
+
+    def _complete(self) -> None:
+        self.worker = None
+        try:
+            self._set_running(False)
+        except RuntimeError:  # closed meanwhile
+            return
+        outcome, self._outcome = self._outcome, "error"
+        self.run_finished.emit(outcome)
+
+    def _result_steps(self, result: Any) -> list[Callable[[], None]]:
+        """GUI steps that show ``result`` (override)."""
+        raise NotImplementedError
+
+    def _result_shown(self) -> None:
+        """Called once every step ran (override: status text, session updates)."""

@@ -1,0 +1,411 @@
+"""Segment: run a CIML checkpoint on the image layers of a case, in the background.
+
+The widget only gathers choices; ciml_core does the work: the case is built and validated by
+:func:`ciml_core.data.dataset.case_from_arrays`, the prediction is
+:func:`ciml_core.infer.predict_case`, whose per-window ``progress`` callback both drives the
+progress bar and raises :class:`ciml_core.infer.Cancelled` when Cancel was pressed.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QVBoxLayout,
+)
+
+from ciml_core.checkpoint import read_checkpoint_config, resolve_checkpoint
+from ciml_core.data.dataset import LoadedCase
+from ciml_core.data.nifti import NiftiSource
+from ciml_core.infer import Cancelled, CasePrediction, predict_case, resolve_device
+from napari_ciml._layers import (
+    REGION_KEY,
+    ROLE,
+    auto_map,
+    case_from_layers,
+    image_layers,
+    label_colormap,
+)
+from napari_ciml._session import DEMO, PredictionInfo
+from napari_ciml._shortcuts import install_shortcuts
+from napari_ciml._widgets._common import (
+    USER_ERRORS,
+    JobWidget,
+    ProgressRelay,
+    combo_value,
+    fill_combo,
+    notify_error,
+    notify_info,
+    torch_threads,
+    worker_threads,
+)
+
+DEMO_TEXT = "Bundled demo model"
+
+
+def available_devices() -> tuple[list[str], str | None]:
+    """Devices this machine can run on (``auto`` first) and, without CUDA, why not."""
+    devices = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        devices += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        return devices, None
+    if torch.version.cuda is None:
+        reason = f"CUDA unavailable: torch {torch.__version__} is a CPU-only build"
+    else:
+        reason = (f"CUDA unavailable: torch {torch.__version__} (CUDA {torch.version.cuda}) sees "
+                  "no GPU (no driver, or CUDA_VISIBLE_DEVICES hides it)")
+    return devices, reason
+
+
+def checkpoint_summary(document: dict[str, Any], ref: str) -> str:
+    """A few lines about a checkpoint (what ``ciml-core info`` prints, condensed)."""
+    model = document["model"]
+    training = document.get("training", {})
+    cfg = training.get("config", {}) or {}
+    patch = "x".join(str(p) for p in document.get("patch_size", []))
+    epochs = training.get("epochs_completed")
+    trained = (f"{epochs}/{cfg.get('epochs', '?')} epochs" if epochs is not None
+               else "training record absent")
+    lines = [
+        f"{'bundled demo' if ref == DEMO else resolve_checkpoint(ref)}",
+        f"variant {model['variant']}, C={model['width']}, patch {patch}",
+        f"{', '.join(document['modalities'])} -> {', '.join(document['regions'])} "
+        f"({document['label_convention']})",
+        f"{trained}; sha256 {document['weights_sha256'][:12]}",
+    ]
+    dice = document.get("metrics", {}).get("val_dice")
+    if isinstance(dice, dict):
+        lines.append("val Dice " + ", ".join(f"{k} {v:.2f}" for k, v in dice.items()))
+    return "\n".join(lines)
+
+
+@dataclass
+class _RunContext:
+    """What the GUI thread knew when Run was pressed (the worker never touches layers)."""
+
+    case: LoadedCase
+    source: NiftiSource
+    scale: tuple[float, ...]
+    translate: tuple[float, ...]
+    mapping: dict[str, str]
+    model_ref: str
+    probabilities: bool
+    keep_previous: bool
+    started: float
+
+
+def segment_job(session, ref: str, case: LoadedCase, *, overlap: float, mirror: bool,
+                device: str, should_stop, relay: ProgressRelay) -> tuple[Any, CasePrediction]:
+    """The background part of a run: load the model, predict, report every window."""
+
+    def progress(done: int, total: int) -> None:
+        if should_stop():
+            raise Cancelled(f"case {case.case_id}: segmentation cancelled")
+        try:
+            relay.progress.emit(done, total)
+        except RuntimeError:  # the widget (and its relay) was closed: stop quietly
+            raise Cancelled(f"case {case.case_id}: segmentation cancelled (widget closed)") from None
+
+    while not session.model_lock.acquire(timeout=0.05):  # Explain may hold the model
+        if should_stop():
+            raise Cancelled(f"case {case.case_id}: segmentation cancelled")
+    try:
+        with torch_threads(worker_threads()):
+            loaded = session.load_model(ref)
+            if should_stop():
+                raise Cancelled(f"case {case.case_id}: segmentation cancelled")
+            prediction = predict_case(loaded, case, overlap=overlap, mirror=mirror,
+                                      device=device, progress=progress)
+    finally:
+        session.model_lock.release()
+    return loaded, prediction
+
+
+class SegmentWidget(JobWidget):
+    """Dock widget: model, modality -> layer mapping, device, overlap, TTA; Run / Cancel."""
+
+    job_title = "CIML segment"
+
+    def __init__(self, napari_viewer) -> None:
+        super().__init__(napari_viewer)
+        self._context: _RunContext | None = None
+        self._result: tuple[Any, CasePrediction] | None = None
+        self._document: dict[str, Any] | None = None
+        self._combos: dict[str, QComboBox] = {}
+        self._build_ui()
+        self.set_model(self.session.model_ref)
+        install_shortcuts(napari_viewer)
+
+    # ------------------------------------------------------------------ UI
+    def _build_ui(self) -> None:
+        layout = QVBoxLayout(self)
+        model_box = QGroupBox("Model")
+        model_layout = QVBoxLayout(model_box)
+        row = QHBoxLayout()
+        self.model_combo = QComboBox()
+        self.model_combo.addItem(DEMO_TEXT, DEMO)
+        self.model_combo.setToolTip("The bundled demo model, or a checkpoint folder "
+                                    "(model.safetensors + config.json)")
+        self.model_combo.activated.connect(self._on_model_chosen)
+        self.browse_button = QPushButton("Checkpoint…")
+        self.browse_button.clicked.connect(self._browse)
+        row.addWidget(self.model_combo, 1)
+        row.addWidget(self.browse_button)
+        model_layout.addLayout(row)
+        self.info_label = QLabel()
+        self.info_label.setWordWrap(True)
+        self.info_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        model_layout.addWidget(self.info_label)
+        layout.addWidget(model_box)
+
+        self.mapping_box = QGroupBox("Modality → image layer")
+        self.mapping_form = QFormLayout(self.mapping_box)
+        layout.addWidget(self.mapping_box)
+
+        options = QFormLayout()
+        self.device_combo = QComboBox()
+        devices, reason = available_devices()
+        self.device_combo.addItems(devices)
+        self.device_reason = QLabel(reason or "")
+        self.device_reason.setWordWrap(True)
+        self.device_reason.setVisible(reason is not None)
+        if reason:
+            self.device_combo.setToolTip(reason)
+        options.addRow("Device", self.device_combo)
+        options.addRow("", self.device_reason)
+        self.overlap_spin = QDoubleSpinBox()
+        self.overlap_spin.setRange(0.0, 0.9)
+        self.overlap_spin.setSingleStep(0.05)
+        self.overlap_spin.setValue(0.5)
+        self.overlap_spin.setToolTip("Overlap of neighbouring sliding windows (more = smoother, "
+                                     "slower)")
+        options.addRow("Overlap", self.overlap_spin)
+        self.tta_check = QCheckBox("Test-time mirroring (8× slower)")
+        options.addRow(self.tta_check)
+        self.prob_check = QCheckBox("Probability layers (one per region)")
+        options.addRow(self.prob_check)
+        self.keep_check = QCheckBox("Keep previous result (add a new layer)")
+        options.addRow(self.keep_check)
+        layout.addLayout(options)
+
+        self._add_run_controls(layout, progress_format="%v / %m windows")
+
+    # ------------------------------------------------------------------ model
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(self._document["modalities"]) if self._document else ()
+
+    def set_model(self, ref: str | Path) -> bool:
+        """Use the checkpoint ``ref`` ("demo" or a folder); False (and a notification) when it
+        cannot be read, in which case the previous model stays selected."""
+        ref = str(ref)
+        try:
+            document = read_checkpoint_config(ref)
+        except USER_ERRORS as err:
+            notify_error(err)
+            self._select_model_item(self.session.model_ref)
+            return False
+        self._document = document
+        self.session.model_ref = ref
+        self._select_model_item(ref)
+        self.info_label.setText(checkpoint_summary(document, ref))
+        self._rebuild_mapping()
+        return True
+
+    def _select_model_item(self, ref: str) -> None:
+        index = self.model_combo.findData(ref)
+        if index < 0:
+            self.model_combo.addItem(str(resolve_checkpoint(ref)), ref)
+            index = self.model_combo.count() - 1
+        self.model_combo.setCurrentIndex(index)
+
+    def _on_model_chosen(self, index: int) -> None:
+        self.set_model(self.model_combo.itemData(index))
+
+    def _browse(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Choose a CIML checkpoint folder")
+        if folder:
+            self.set_model(folder)
+
+    # ------------------------------------------------------------------ mapping
+    def _rebuild_mapping(self) -> None:
+        while self.mapping_form.rowCount():
+            self.mapping_form.removeRow(0)
+        self._combos = {}
+        for modality in self.modalities:
+            combo = QComboBox()
+            combo.setToolTip(f"The image layer that holds {modality}")
+            combo.currentTextChanged.connect(self._remember_mapping)
+            self.mapping_form.addRow(modality, combo)
+            self._combos[modality] = combo
+        self.refresh_layers(auto=True)
+
+    def refresh_layers(self, auto: bool = False) -> None:
+        """Refill the combos; keep the user's choices, fill unset ones from names/metadata."""
+        layers = image_layers(self.viewer.layers)
+        names = [layer.name for layer in layers]
+        guess = auto_map(self.modalities, layers)
+        for modality, combo in self._combos.items():
+            current = combo_value(combo) or self.session.mapping.get(modality)
+            if auto or current not in names:
+                current = guess.get(modality)
+            fill_combo(combo, names, current, allow_none=True)
+        self._remember_mapping()
+
+    def _remember_mapping(self, *_args) -> None:
+        self.session.mapping.update(self.mapping())
+
+    def mapping(self) -> dict[str, str | None]:
+        """Model modality -> chosen image layer name (None = no layer)."""
+        return {m: combo_value(c) for m, c in self._combos.items()}
+
+    def set_mapping(self, modality: str, layer_name: str | None) -> None:
+        """Map one model modality to a layer (what picking in its combo does)."""
+        combo = self._combos[modality]
+        combo.setCurrentText(layer_name if layer_name else combo.itemText(0))
+
+    @property
+    def device(self) -> str:
+        return self.device_combo.currentText()
+
+    # ------------------------------------------------------------------ run
+    def run(self):
+        """Start a run in a background worker (returns it), or notify why not (returns None)."""
+        if self.busy:
+            notify_info("CIML: a segmentation is already running")
+            return None
+        self.last_error = None
+        try:
+            if self._document is None:
+                raise ValueError("no model selected")
+            mapping = self.mapping()
+            case = case_from_layers(self.viewer.layers, mapping, self.modalities)
+            device = str(resolve_device(self.device))
+        except USER_ERRORS as err:
+            self.last_error = str(err)
+            notify_error(err)
+            return None
+        first = self.viewer.layers[mapping[self.modalities[0]]]
+        self._context = _RunContext(
+            case=case, source=case.reference, scale=tuple(first.scale),
+            translate=tuple(first.translate), mapping={m: str(n) for m, n in mapping.items()},
+            model_ref=self.session.model_ref, probabilities=self.prob_check.isChecked(),
+            keep_previous=self.keep_check.isChecked(), started=time.perf_counter(),
+        )
+        self.status_label.setText(f"Segmenting {case.case_id} on {device}…")
+        return self._launch(segment_job, self.session, self.session.model_ref, case,
+                            overlap=float(self.overlap_spin.value()),
+                            mirror=self.tta_check.isChecked(), device=device)
+
+    def _set_running(self, running: bool) -> None:
+        super()._set_running(running)
+        self.model_combo.setEnabled(not running)
+        self.browse_button.setEnabled(not running)
+
+    def _result_shown(self) -> None:
+        ctx, (loaded, prediction) = self._context, self._result
+        self._result = None
+        self.status_label.setText(
+            f"{prediction.case_id}: labels {sorted(np.unique(prediction.label).tolist())} in "
+            f"{time.perf_counter() - ctx.started:.1f} s (model sha256 "
+            f"{loaded.weights_sha256[:12]})")
+
+    # ------------------------------------------------------------------ layers
+    def _find(self, name: str, role: str):
+        for layer in self.viewer.layers:
+            if layer.name == name and layer.metadata.get(ROLE) == role:
+                return layer
+        return None
+
+    def _result_steps(self, result: tuple[Any, CasePrediction]) -> list:
+        """One step per layer: probability maps (if asked), then the label layer."""
+        loaded, prediction = result
+        self._result = result
+        ctx = self._context
+        convention = loaded.info.label_convention
+        case_id = prediction.case_id
+        common = {
+            "nifti_source": ctx.source, "source_path": str(ctx.source.path),
+            "affine": ctx.source.affine.copy(), "case_id": case_id,
+            "model_sha256": loaded.weights_sha256, "model": ctx.model_ref,
+            "modalities": dict(ctx.mapping),
+        }
+        steps = []
+        prob_names = [f"{case_id} P({region})" for region in prediction.regions]
+        if ctx.probabilities:
+            for i, (region, name) in enumerate(zip(prediction.regions, prob_names, strict=True)):
+                meta = {**common, ROLE: "probability", "region": region}
+                steps.append(partial(self._put_probability, name, prediction.probabilities[i],
+                                     meta, ctx))
+        elif not ctx.keep_previous:
+            # stale maps of an earlier run would contradict the new labels
+            steps.append(partial(self._remove, prob_names, "probability"))
+        meta = {**common, ROLE: "prediction", "label_convention": convention,
+                "regions": list(prediction.regions), REGION_KEY: None}
+        steps.append(partial(self._put_labels, f"{case_id} CIML", loaded, prediction, meta, ctx))
+        return steps
+
+    def _find(self, name: str, role: str):
+        for layer in self.viewer.layers:
+            if layer.name == name and layer.metadata.get(ROLE) == role:
+                return layer
+        return None
+
+    def _remove(self, names: list[str], role: str) -> None:
+        for name in names:
+            old = self._find(name, role)
+            if old is not None:
+                self.viewer.layers.remove(old)
+
+    def _put_probability(self, name: str, data: np.ndarray, meta: dict,
+                         ctx: _RunContext) -> None:
+        old = None if ctx.keep_previous else self._find(name, "probability")
+        if old is not None:
+            old.data = data
+            old.metadata = meta
+            old.scale, old.translate = ctx.scale, ctx.translate
+            return
+        self.viewer.add_image(data, name=name, metadata=meta, colormap="magma",
+                              blending="additive", contrast_limits=(0.0, 1.0), opacity=0.7,
+                              visible=False, scale=ctx.scale, translate=ctx.translate)
+
+    def _put_labels(self, name: str, loaded, prediction: CasePrediction, meta: dict,
+                    ctx: _RunContext) -> None:
+        convention = meta["label_convention"]
+        prediction_id = uuid.uuid4().hex
+        meta = {**meta, "ciml_prediction_id": prediction_id}
+        old = None if ctx.keep_previous else self._find(name, "prediction")
+        if old is not None:
+            self.session.predictions.pop(old.metadata.get("ciml_prediction_id"), None)
+            old.data = prediction.label
+            old.metadata = meta
+            old.scale, old.translate = ctx.scale, ctx.translate
+            old.colormap = label_colormap(convention)
+            layer = old
+        else:
+            layer = self.viewer.add_labels(prediction.label, name=name, metadata=meta,
+                                           colormap=label_colormap(convention), opacity=0.6,
+                                           scale=ctx.scale, translate=ctx.translate)
+        self.session.add_prediction(prediction_id, PredictionInfo(
+            layer_name=layer.name, case_id=prediction.case_id, model_ref=ctx.model_ref,
+            model_sha256=loaded.weights_sha256, label_convention=convention,
+            regions=tuple(prediction.regions), mapping=dict(ctx.mapping),
+            label=prediction.label.copy(), probabilities=prediction.probabilities,
+        ))
