@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from ciml_core.cli import main
 from ciml_core.errors import ConfigError
@@ -19,6 +20,16 @@ from ciml_core.shapes_experiment import (
     shape_pair,
     write_shapes_outputs,
 )
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """One intra-op thread: these tiny models gain nothing from more, and on a shared CPU two
+    OpenMP threads can wait on each other for seconds per step."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def test_redundancy_ratio_on_a_known_map():
@@ -64,13 +75,15 @@ def test_experiment_runs_and_returns_a_finite_ratio(tmp_path):
 
 def test_cli_shapes_without_kl(tmp_path, capsys):
     code = main(["shapes", "--out", str(tmp_path), "--steps", "2", "--size", "32", "--beta", "0",
-                 "--seed", "3"])
+                 "--seed", "3", "--train-pairs", "8", "--eval-pairs", "4", "--width", "2"])
     assert code == 0, capsys.readouterr().err
     document = json.loads((tmp_path / RESULT_NAME).read_text())
     assert document["kl"] is False and document["config"]["seed"] == 3
+    assert document["config"]["train_pairs"] == 8 and document["config"]["width"] == 2
     assert math.isfinite(document["ratio"])
     assert (tmp_path / FIGURE_NAME).read_bytes()[:4] == b"\x89PNG"
     assert "redundancy-filtering ratio" in capsys.readouterr().out
+    # Refused before training (so this is fast even with the default data sizes).
     assert main(["shapes", "--out", str(tmp_path), "--steps", "2", "--size", "32"]) == 2
 
 

@@ -228,7 +228,8 @@ def _cmd_shapes(args: argparse.Namespace) -> int:
     )
 
     cfg = ShapesConfig(steps=args.steps, beta=args.beta, seed=args.seed, size=args.size,
-                       width=args.width, device=args.device)
+                       width=args.width, train_pairs=args.train_pairs,
+                       eval_pairs=args.eval_pairs, device=args.device)
     out = Path(args.out)
     existing = [p for p in shapes_output_paths(out) if p.exists()]
     if existing and not args.overwrite:
@@ -382,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=64, help="image size, multiple of 16 (64)")
     p.add_argument("--width", type=int, default=4, help="base number of filters C (4)")
+    p.add_argument("--train-pairs", type=int, default=1000,
+                   help="generated training pairs (1000, as the paper)")
+    p.add_argument("--eval-pairs", type=int, default=100, help="held-out pairs (100)")
     p.add_argument("--device", default="cpu", help="cpu (default), auto or cuda")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.set_defaults(func=_cmd_shapes)

@@ -184,8 +184,9 @@ def parse_pairs(spec: str, decomposition: TaskDecomposition) -> list[tuple[int, 
     return chosen
 
 
-def auxiliary_names(model: nn.Module, decomposition: TaskDecomposition, segmentor: int) -> tuple[
-        str, ...]:
+def auxiliary_names(
+    model: nn.Module, decomposition: TaskDecomposition, segmentor: int
+) -> tuple[str, ...]:
     """Names of the messages segmentor ``segmentor`` receives, in message order."""
     sources_of = getattr(model, "message_sources", None)
     sources = (
@@ -357,8 +358,9 @@ def _centre_of_mass(mask: np.ndarray) -> tuple[float, ...] | None:
     return tuple(float(c) for c in ndimage.center_of_mass(mask))
 
 
-def _roi_window(centre: Sequence[float], shape: Sequence[int], patch: Sequence[int]) -> tuple[
-        tuple[int, int], ...]:
+def _roi_window(
+    centre: Sequence[float], shape: Sequence[int], patch: Sequence[int]
+) -> tuple[tuple[int, int], ...]:
     """A patch-sized window (start, stop) per axis centred on ``centre`` (cropped-grid
     coordinates), shifted to lie inside the grid where the grid is large enough, else centred on
     the grid (the caller zero-pads)."""

@@ -239,8 +239,9 @@ def shapes_output_paths(out_dir: Path) -> list[Path]:
     return [Path(out_dir) / FIGURE_NAME, Path(out_dir) / RESULT_NAME]
 
 
-def write_shapes_outputs(result: ShapesResult, out_dir: Path, *, overwrite: bool = False) -> list[
-        Path]:
+def write_shapes_outputs(
+    result: ShapesResult, out_dir: Path, *, overwrite: bool = False
+) -> list[Path]:
     """Write the Fig. 13-like PNG and the JSON of ``result``; refuse to replace files unless
     ``overwrite``."""
     from ciml_core.explain import atomic_write
