@@ -135,3 +135,9 @@ def test_gzip_of_non_nifti_and_other_files_are_refused(tmp_path):
         load_volume(txt)
     with pytest.raises(InputDataError, match="file not found"):
         load_volume(tmp_path / "missing.nii.gz")
+
+
+def test_written_files_are_world_readable(tmp_path):
+    vol = load_volume(write_nifti(tmp_path / "in.nii.gz", np.ones((4, 5, 6), np.float32)))
+    out = write_like(vol.data, vol.source, tmp_path / "out.nii.gz")
+    assert out.stat().st_mode & 0o777 == 0o644

@@ -177,6 +177,7 @@ def atomic_save(img: nib.Nifti1Image, path: str | os.PathLike, *, overwrite: boo
     suffix = ".nii.gz" if str(path).lower().endswith(".gz") else ".nii"
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; an output is an ordinary shared file
     try:
         nib.save(img, tmp)
         os.replace(tmp, path)
