@@ -57,6 +57,18 @@ def write_case():
     return _write
 
 
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op thread: tiny models gain nothing from more, and on a shared CPU two OpenMP
+    threads can wait on each other for seconds per step."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(config, items):
     """Skip tests marked ``gpu`` when this machine has no CUDA device, saying so."""
     import torch

@@ -30,15 +30,7 @@ from ciml_core.infer import Cancelled
 from ciml_core.model import CIMLOutput, ModelConfig, TaskDecomposition, build_model
 from conftest import write_nifti
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: these tiny models gain nothing from more, and on a shared CPU two
-    OpenMP threads can wait on each other for seconds per step."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 PATCH = 16
 #: An LAS-stored affine with anisotropic spacing and an offset (not the canonical RAS order).

@@ -28,15 +28,7 @@ from ciml_core.figures import (
 from ciml_core.model import ModelConfig, build_model
 from conftest import write_nifti
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: these tiny models gain nothing from more, and on a shared CPU two
-    OpenMP threads can wait on each other for seconds per step."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 LAS_AFFINE = np.array([[-1.5, 0, 0, 30.0], [0, 1.2, 0, -20.0], [0, 0, 2.0, 5.0], [0, 0, 0, 1]])
 GRID = (20, 18, 17)

@@ -7,7 +7,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from ciml_core.cli import main
 from ciml_core.errors import ConfigError
@@ -21,15 +20,7 @@ from ciml_core.shapes_experiment import (
     write_shapes_outputs,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: these tiny models gain nothing from more, and on a shared CPU two
-    OpenMP threads can wait on each other for seconds per step."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_redundancy_ratio_on_a_known_map():
