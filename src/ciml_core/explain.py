@@ -57,6 +57,7 @@ from torch import Tensor, nn
 from ciml_core.checkpoint import LoadedModel
 from ciml_core.data.dataset import LoadedCase
 from ciml_core.data.nifti import write_like
+from ciml_core.data.patches import extract_patch
 from ciml_core.data.preprocess import crop, preprocess_image, uncrop
 from ciml_core.errors import ConfigError, InputDataError
 from ciml_core.infer import count_windows, resolve_device, sliding_window_predict
@@ -376,16 +377,7 @@ def _roi_window(
 
 def _extract(array: np.ndarray, window: Sequence[tuple[int, int]]) -> np.ndarray:
     """``array[..., window]`` with zeros where the window reaches past the grid."""
-    spatial = array.shape[-len(window):]
-    out = np.zeros(array.shape[: -len(window)] + tuple(b - a for a, b in window), array.dtype)
-    src, dst = [], []
-    for (a, b), n in zip(window, spatial, strict=True):
-        lo, hi = max(a, 0), min(b, n)
-        src.append(slice(lo, hi))
-        dst.append(slice(lo - a, hi - a))
-    lead = (slice(None),) * (array.ndim - len(window))
-    out[lead + tuple(dst)] = array[lead + tuple(src)]
-    return out
+    return extract_patch(array, [a for a, _ in window], [b - a for a, b in window])
 
 
 def _paste(values: np.ndarray, window: Sequence[tuple[int, int]], shape: Sequence[int]) -> np.ndarray:
