@@ -116,3 +116,25 @@ def test_export_half_precision_keeps_outputs(tiny_checkpoint, tmp_path):
     with torch.no_grad():
         for a, b in zip(model(x).logits, loaded.model(x).logits, strict=True):
             assert torch.allclose(a, b, atol=1e-2)
+
+
+def test_dynunet_with_shared_layers_round_trips(tmp_path):
+    # MONAI's DynUNet reaches the same layers under two names; one copy is stored.
+    config = ModelConfig(width=2, variant="dynunet", norm="instance", patch_size=(32, 32, 32))
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    names = set(model.state_dict())
+    path = save_checkpoint(tmp_path / "dyn", model, config, CheckpointInfo("brats2020"))
+    stored = load_file(str(path / "model.safetensors"))
+    assert set(stored) < names
+    assert not any(k.startswith("net.skip_layers.") for k in stored)
+    loaded = load_checkpoint(path)
+    x = torch.randn(1, 4, 32, 32, 32)
+    with torch.no_grad():
+        expected = model(x).logits[0]
+        got = loaded.model(x).logits[0]
+    assert torch.equal(expected, got)
+    # the alias names point at the loaded tensors
+    state = loaded.model.state_dict()
+    alias = next(k for k in names if k.startswith("net.skip_layers.") and k.endswith("conv.weight"))
+    assert any(torch.equal(state[alias], v) for v in stored.values())

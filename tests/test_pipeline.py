@@ -119,6 +119,36 @@ def test_predict_refuses_model_for_other_modalities(tmp_path, phantoms):
     assert not (tmp_path / "o").exists()
 
 
+def test_train_with_a_custom_task_decomposition(phantoms, tmp_path, capsys):
+    # Table 6's worst row: FLAIR -> TC, T1 -> TC+ET, T2 -> WT, T1CE -> TC.
+    worst = {"modalities": ["flair", "t1", "t1ce", "t2"], "regions": ["WT", "TC", "ET"],
+             "tasks": [{"primary": ["flair"], "regions": ["TC"]},
+                       {"primary": ["t1"], "regions": ["TC", "ET"]},
+                       {"primary": ["t2"], "regions": ["WT"]},
+                       {"primary": ["t1ce"], "regions": ["TC"]}]}
+    path = tmp_path / "worst.json"
+    path.write_text(json.dumps(worst))
+    run = tmp_path / "run"
+    args = ["train", str(phantoms), "--out", str(run), "--fold", "-1", *TINY]
+    assert main([*args, "--decomposition", str(path)]) == 0
+    doc = json.loads((run / "best" / "config.json").read_text())
+    assert doc["model"]["decomposition"] == worst
+    model_weights = load_file(str(run / "best" / "model.safetensors"))
+    # segmentor 1 (T1) predicts two regions, segmentor 3 (T1CE) one
+    assert model_weights["segmentors.1.decoder.head.weight"].shape[0] == 2
+    assert model_weights["segmentors.3.decoder.head.weight"].shape[0] == 1
+
+    # a decomposition over other modalities and an unreadable file are refused by name
+    petct = tmp_path / "petct.json"
+    petct.write_text(json.dumps(TaskDecomposition.petct().to_dict()))
+    assert main([*args[:3], str(tmp_path / "r2"), *args[4:], "--decomposition", str(petct)]) == 2
+    assert "are not the dataset's" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert main([*args[:3], str(tmp_path / "r3"), *args[4:], "--decomposition", str(bad)]) == 2
+    assert f"--decomposition {bad}" in capsys.readouterr().err
+
+
 def test_resume_after_interrupt_reaches_same_epochs(phantoms, tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "ciml_core.cli", "train", str(phantoms), "--out", str(run),

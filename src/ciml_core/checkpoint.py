@@ -93,11 +93,51 @@ def resolve_checkpoint(model: str | os.PathLike) -> Path:
     return path
 
 
-def _state_dict_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
-    # DDP / torch.compile wrap the network; store the plain module's names.
+def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` without the second and later names of a shared tensor.
+
+    MONAI's DynUNet reaches the same layers under two names (``net.skip_layers...`` and
+    ``net.downsamples...``); safetensors refuses to store aliases, and one copy is enough:
+    :func:`load_weights` fills the other names because they share storage. DDP /
+    torch.compile wrappers are unwrapped so that the plain module's names are stored.
+    """
     module = getattr(model, "module", model)
     module = getattr(module, "_orig_mod", module)
-    return {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
+    seen: set[tuple] = set()
+    unique = {}
+    for name, tensor in module.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if tensor.numel() and key in seen:
+            continue
+        seen.add(key)
+        unique[name] = tensor
+    return unique
+
+
+def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: str | Path) -> None:
+    """Load ``weights`` (as written by :func:`save_checkpoint`) into ``model``, or raise a
+    :class:`CheckpointError` naming ``source`` and the first missing / unexpected / misshapen
+    tensors."""
+    expected = unique_state_dict(model)
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(weights) if expected[k].shape != weights[k].shape)
+    if missing or unexpected or wrong:
+        details = []
+        if missing:
+            details.append(f"missing tensors {missing[:3]}{'...' if len(missing) > 3 else ''}")
+        if unexpected:
+            details.append(f"unexpected tensors {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
+        for k in wrong[:3]:
+            details.append(f"{k} has shape {tuple(weights[k].shape)}, the config needs "
+                           f"{tuple(expected[k].shape)}")
+        raise CheckpointError(f"{source} does not match its config.json: " + "; ".join(details))
+    # Only aliases of stored tensors are left out; they share storage, so they load too.
+    model.load_state_dict(weights, strict=False)
+
+
+def _state_dict_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in unique_state_dict(model).items()}
 
 
 def _replace_dir(tmp: Path, target: Path) -> None:
@@ -197,22 +237,7 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cp
         weights = load_file(str(folder / WEIGHTS))
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{folder / WEIGHTS}: unreadable safetensors file ({err})") from err
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(weights) if expected[k].shape != weights[k].shape)
-    if missing or unexpected or wrong:
-        details = []
-        if missing:
-            details.append(f"missing tensors {missing[:3]}{'...' if len(missing) > 3 else ''}")
-        if unexpected:
-            details.append(f"unexpected tensors {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
-        for k in wrong[:3]:
-            details.append(f"{k} has shape {tuple(weights[k].shape)}, the config needs "
-                           f"{tuple(expected[k].shape)}")
-        raise CheckpointError(f"{folder / WEIGHTS} does not match its config.json: "
-                              + "; ".join(details))
-    model.load_state_dict(weights)
+    load_weights(model, weights, folder / WEIGHTS)
     model.to(device).eval()
     info = CheckpointInfo(
         label_convention=document["label_convention"],

@@ -34,6 +34,22 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_decomposition(path: str | None) -> dict | None:
+    """``--decomposition FILE``: the JSON object, validated (errors name the file)."""
+    if path is None:
+        return None
+    from ciml_core.errors import ConfigError
+    from ciml_core.model import TaskDecomposition
+
+    try:
+        data = json.loads(Path(path).read_text())
+        return TaskDecomposition.from_dict(data).to_dict()
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"--decomposition {path}: cannot read a JSON object ({err})") from err
+    except ConfigError as err:
+        raise ConfigError(f"--decomposition {path}: {err}") from err
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from ciml_core.train import TrainConfig, train
 
@@ -46,7 +62,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         width=args.width, variant=args.variant, beta=args.beta, norm=args.norm, lr=args.lr,
         device=args.device, seed=args.seed, val_every=args.val_every, workers=args.workers,
         augment=not args.no_augment, compile=args.compile, demo_cases=args.demo_cases,
-        resume=args.resume,
+        resume=args.resume, decomposition=_read_decomposition(args.decomposition),
     )
     run = train(cfg).run_dir
     print(f"run folder: {run} (best model: {run / 'best'}, latest: {run / 'latest'})")
@@ -302,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", default="full",
                    choices=["full", "baseline", "message", "attention", "vi", "dynunet"])
     p.add_argument("--beta", type=float, default=0.5, help="KL weight (default 0.5)")
+    p.add_argument("--decomposition", metavar="JSON",
+                   help="task decomposition file {modalities, regions, tasks: [{primary, regions}]} "
+                   "(default: the paper's for the dataset's modalities; docs/training.md)")
     p.add_argument("--norm", default="batch", choices=["batch", "instance"])
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")

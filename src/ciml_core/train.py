@@ -37,6 +37,7 @@ from ciml_core.checkpoint import (
     CheckpointInfo,
     LoadedModel,
     load_training_state,
+    load_weights,
     read_checkpoint_config,
     save_checkpoint,
 )
@@ -53,7 +54,7 @@ from ciml_core.model import probabilities_to_region_masks as to_masks
 
 #: Settings that define the schedule; --resume refuses to change them.
 SCHEDULE_KEYS = ("epochs", "iters_per_epoch", "patch", "batch", "width", "variant", "beta",
-                 "norm", "seed", "fold", "lr", "weight_decay")
+                 "norm", "seed", "fold", "lr", "weight_decay", "decomposition")
 
 
 @dataclass
@@ -71,6 +72,7 @@ class TrainConfig:
     batch: int = 2
     width: int = 16
     variant: str = "full"
+    decomposition: dict[str, Any] | None = None  # TaskDecomposition.to_dict(); None: the default
     beta: float = 0.5
     norm: str = "batch"
     lr: float = 1e-4
@@ -90,6 +92,17 @@ class TrainConfig:
         d["out"] = str(self.out)
         d["data"] = str(self.data) if self.data is not None else None
         return d
+
+
+def training_decomposition(cfg: TrainConfig, modalities: tuple[str, ...]) -> TaskDecomposition:
+    """``cfg.decomposition`` checked against the dataset's modalities, or the default for them."""
+    if cfg.decomposition is None:
+        return default_decomposition(modalities)
+    decomposition = TaskDecomposition.from_dict(cfg.decomposition)
+    if set(decomposition.modalities) != set(modalities):
+        raise ConfigError(f"task decomposition: its modalities {list(decomposition.modalities)} "
+                          f"are not the dataset's {list(modalities)}")
+    return decomposition
 
 
 def default_decomposition(modalities: tuple[str, ...]) -> TaskDecomposition:
@@ -139,7 +152,7 @@ def _prepare_data(cfg: TrainConfig, ctx: DistContext) -> tuple:
     unlabelled = [c.case_id for c in cases if c.label is None]
     if unlabelled:
         raise InputDataError(f"{data}: training needs labels; cases without one: {unlabelled[:5]}")
-    decomposition = default_decomposition(cases[0].modalities)
+    decomposition = training_decomposition(cfg, cases[0].modalities)
     splits = load_or_make_splits(cfg.out / "splits.json", [c.case_id for c in cases])
     train_ids, val_ids = fold_cases(splits, cfg.fold)
     by_id = {c.case_id: c for c in cases}
@@ -254,7 +267,7 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> TrainResult:
     start_epoch, start_step, best = 0, 0, -math.inf
     if cfg.resume:
         read_checkpoint_config(cfg.out / "latest")  # verifies the weights' hash
-        model.load_state_dict(load_file(str(cfg.out / "latest" / WEIGHTS)))
+        load_weights(model, load_file(str(cfg.out / "latest" / WEIGHTS)), cfg.out / "latest")
         state = load_training_state(cfg.out / "latest")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
