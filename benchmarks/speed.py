@@ -2,16 +2,24 @@
 
     python benchmarks/speed.py [--device cpu|cuda] [--patch 64] [--widths 8 16] [--quick]
 
-For each network: training-step time (forward + backward + Adam step, batch 2), whole-case
-inference of a 240x240x155 4-modality phantom (sliding window, overlap 0.5, with and without
-8-way mirroring), peak memory (RSS on CPU, torch.cuda.max_memory_allocated on GPU) and achieved
-GFLOP/s from torch.utils.flop_counter, also as a fraction of the machine's peak. Each measurement
-runs in a fresh child process so that peak memory is its own. Prints a Markdown table and writes
-benchmarks/results/speed_<device>.json.
+Four parts, all in this one run:
 
-Peak FLOP/s: on CPU, cores x max clock x FLOPs/cycle/core, where FLOPs/cycle is 64 with AVX-512
-(two 16-lane fp32 FMA pipes, e.g. AMD Zen 4/5, Intel server cores), 32 with AVX2+FMA, 8 otherwise;
-on CUDA, a table of the dense bf16 tensor-core peak of common cards. Both are nominal peaks.
+1. ``layers``: one convolution of the T = 4 segmentors at each resolution level, run as T convs
+   and as one grouped conv (``groups=T``) - why ``GroupedCIMLNetwork`` fuses from P/2 down only.
+2. ``window``: one forward of a P^3 window (batch 1, as the sliding window runs it) for CIML
+   unfused, CIML fused and the FLOP-matched DynUNet, each plain (fp32, inference_mode) and with
+   one speed option: ``no_grad`` instead of inference_mode, bf16 autocast, channels_last_3d,
+   torch.compile. Median of ``--repeats``. On CUDA every column runs in bf16 (as predict does).
+3. ``train``: one training step (forward + backward + Adam, batch 2), fp32 and bf16 autocast.
+4. ``case``: whole-case inference of a 240x240x155 4-modality phantom (sliding window, overlap
+   0.5, batch 1, with and without 8-way mirroring) as ``predict_case`` runs it, with peak memory
+   (RSS on CPU, ``torch.cuda.max_memory_allocated`` on GPU) and achieved GFLOP/s.
+
+Every measurement runs in a fresh child process (peak memory is its own). FLOPs come from
+torch.utils.flop_counter. Peak FLOP/s: on CPU, cores x max clock x FLOPs/cycle/core, where
+FLOPs/cycle is 64 with AVX-512 (two 16-lane fp32 FMA pipes, e.g. AMD Zen 4/5), 32 with
+AVX2+FMA, 8 otherwise; on CUDA the card's dense bf16 tensor-core peak. Both are nominal peaks.
+Prints Markdown tables; writes benchmarks/results/speed_<device>.json.
 """
 
 from __future__ import annotations
@@ -28,19 +36,22 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from ciml_core.checkpoint import CheckpointInfo, LoadedModel
 from ciml_core.data.dataset import LoadedCase
 from ciml_core.data.nifti import NiftiSource
 from ciml_core.data.phantoms import make_brats_phantom
-from ciml_core.infer import predict_case
+from ciml_core.infer import inference_network, predict_case
 from ciml_core.model import CIMLLoss, ModelConfig, build_model
 
 GPU_PEAK_TFLOPS_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 BRATS = ("flair", "t1", "t1ce", "t2")
+WINDOW_OPTIONS = ("plain", "no_grad", "bf16", "channels_last", "compile")
 
 
+# ------------------------------------------------------------------------------------ machine
 def cpu_peak_gflops() -> tuple[float, str]:
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     per_cycle = 64 if "avx512f" in flags else 32 if ("avx2" in flags and " fma" in flags) else 8
@@ -58,6 +69,34 @@ def gpu_peak_gflops() -> tuple[float, str]:
     return float("nan"), f"{name}: peak unknown"
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    # VmHWM starts afresh with the child's exec; ru_maxrss would carry the parent's peak over.
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _median_seconds(fn, device: torch.device, repeats: int) -> float:
+    fn()  # warm-up: allocations, oneDNN primitives, cuDNN autotuning
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+# ------------------------------------------------------------------------------------ networks
 def config_for(variant: str, width: int, patch: int) -> ModelConfig:
     return ModelConfig(width=width, variant=variant, patch_size=(patch,) * 3,
                        norm="instance" if variant == "dynunet" else "batch")
@@ -73,23 +112,74 @@ def flops_per_window(config: ModelConfig, batch: int = 1) -> int:
 
 def matched_dynunet_width(target_flops: int, patch: int) -> int:
     """The DynUNet base width whose forward FLOPs per window are closest to ``target_flops``."""
-    best = min(range(1, 33), key=lambda c: abs(flops_per_window(config_for("dynunet", c, 32))
+    return min(range(1, 33), key=lambda c: abs(flops_per_window(config_for("dynunet", c, 32))
                                                * (patch / 32) ** 3 - target_flops))
-    return best
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+# ------------------------------------------------------------------------------------ measurements
+def measure_layers(patch: int, width: int, device: torch.device, repeats: int) -> list[dict]:
+    """T=4 convs k3 (and ConvTranspose k2 s2) per level: separately vs one grouped conv."""
+    groups, rows = 4, []
+    for level in range(4):
+        size, channels = patch // 2**level, width * 2**level  # encoder stage level + 1
+        xs = [torch.randn(1, channels, *(size,) * 3, device=device) for _ in range(groups)]
+        ws = [torch.randn(channels, channels, 3, 3, 3, device=device) for _ in range(groups)]
+        x, w = torch.cat(xs, 1), torch.cat(ws, 0)
+        up_w = [torch.randn(channels, channels, 2, 2, 2, device=device) for _ in range(groups)]
+        small = [a[:, :, ::2, ::2, ::2].contiguous() for a in xs]
+        small_x, up_cat = torch.cat(small, 1), torch.cat(up_w, 0)
+
+        def separate(xs=xs, ws=ws):
+            return [F.conv3d(a, b, padding=1) for a, b in zip(xs, ws, strict=True)]
+
+        def grouped(x=x, w=w):
+            return F.conv3d(x, w, padding=1, groups=groups)
+
+        def up_separate(small=small, up_w=up_w):
+            return [F.conv_transpose3d(a, b, stride=2) for a, b in zip(small, up_w, strict=True)]
+
+        def up_grouped(small_x=small_x, up_cat=up_cat):
+            return F.conv_transpose3d(small_x, up_cat, stride=2, groups=groups)
+
+        with torch.inference_mode():
+            row = {"level": level, "size": size, "channels": channels,
+                   "conv_separate": _median_seconds(separate, device, repeats),
+                   "conv_grouped": _median_seconds(grouped, device, repeats)}
+            if level > 0:
+                row["up_separate"] = _median_seconds(up_separate, device, repeats)
+                row["up_grouped"] = _median_seconds(up_grouped, device, repeats)
+        rows.append(row)
+    return rows
 
 
-def _peak_memory_mib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def measure_window(config: ModelConfig, fused: bool, option: str, device: torch.device,
+                   repeats: int) -> dict:
+    torch.manual_seed(0)
+    model = build_model(config).to(device)
+    net = inference_network(model, fused=fused)
+    x = torch.randn(1, 4, *config.patch_size, device=device)
+    if option == "channels_last":
+        net = net.to(memory_format=torch.channels_last_3d)
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    compile_seconds = None
+    if option == "compile":
+        t0 = time.perf_counter()
+        net = torch.compile(net)
+        with torch.inference_mode():
+            net(x)
+        compile_seconds = time.perf_counter() - t0
+    context = torch.no_grad if option == "no_grad" else torch.inference_mode
+    bf16 = option == "bf16" or device.type == "cuda"  # CUDA windows always run in bf16
+
+    def forward() -> None:
+        with context(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            net(x)
+
+    seconds = _median_seconds(forward, device, repeats)
+    return {"seconds": seconds, "compile_seconds": compile_seconds}
 
 
-def measure_train_step(config: ModelConfig, device: torch.device, steps: int) -> dict:
+def measure_train_step(config: ModelConfig, device: torch.device, steps: int, bf16: bool) -> dict:
     torch.manual_seed(0)
     model = build_model(config).to(device).train()
     loss_fn = CIMLLoss(config.decomposition)
@@ -98,34 +188,28 @@ def measure_train_step(config: ModelConfig, device: torch.device, steps: int) ->
     y = (torch.rand(2, 3, *config.patch_size, device=device) > 0.8).float()
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             out = model(x)
         loss, _ = loss_fn(out, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    step()  # warm-up (allocations, cuDNN autotuning)
+    step()
     with FlopCounterMode(display=False) as counter:
         step()
     flops = counter.get_total_flops()
-    _sync(device)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    seconds = float(np.median(times))
+    seconds = _median_seconds(step, device, steps)
     return {"seconds": seconds, "gflop": flops / 1e9, "gflops_per_s": flops / 1e9 / seconds,
             "peak_mib": _peak_memory_mib(device)}
 
 
-def measure_inference(config: ModelConfig, device: torch.device, mirror: bool) -> dict:
+def measure_case(config: ModelConfig, device: torch.device, mirror: bool, fused: bool,
+                 shape: tuple[int, int, int]) -> dict:
     torch.manual_seed(0)
     model = build_model(config).eval()
     loaded = LoadedModel(model, config, CheckpointInfo(label_convention="brats2020"), Path("."), "")
-    phantom = make_brats_phantom(6000, shape=(240, 240, 155))
+    phantom = make_brats_phantom(6000, shape=shape)
     image = np.stack([phantom.images[m] for m in BRATS])
     header = nib.Nifti1Image(image[0], phantom.affine).header
     source = NiftiSource(Path("phantom"), phantom.affine, header, image.shape[1:],
@@ -138,7 +222,8 @@ def measure_inference(config: ModelConfig, device: torch.device, mirror: bool) -
         windows = total
 
     t0 = time.perf_counter()
-    predict_case(loaded, case, overlap=0.5, mirror=mirror, device=device, progress=progress)
+    predict_case(loaded, case, overlap=0.5, mirror=mirror, device=device, progress=progress,
+                 fused=fused)
     _sync(device)
     seconds = time.perf_counter() - t0
     flops = flops_per_window(config) * windows * (8 if mirror else 1)
@@ -146,77 +231,145 @@ def measure_inference(config: ModelConfig, device: torch.device, mirror: bool) -
             "gflops_per_s": flops / 1e9 / seconds, "peak_mib": _peak_memory_mib(device)}
 
 
-def _child(queue, kind, config_dict, device, arg) -> None:
+def _child(queue, kind: str, config_dict: dict | None, device: str, kwargs: dict) -> None:
     torch.set_num_threads(len(os.sched_getaffinity(0)))
-    config = ModelConfig.from_dict(config_dict)
     dev = torch.device(device)
-    if kind == "train":
-        queue.put(measure_train_step(config, dev, arg))
-    else:
-        with torch.inference_mode():
-            queue.put(measure_inference(config, dev, arg))
+    config = ModelConfig.from_dict(config_dict) if config_dict else None
+    measure = {"layers": measure_layers, "window": measure_window,
+               "train": measure_train_step, "case": measure_case}[kind]
+    queue.put(measure(device=dev, **kwargs) if config is None
+              else measure(config, device=dev, **kwargs))
 
 
-def run_isolated(kind: str, config: ModelConfig, device: str, arg) -> dict:
+def isolated(kind: str, config: ModelConfig | None, device: str, **kwargs) -> dict:
+    """Run one measurement in a fresh process and return its result."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(queue, kind, config.to_dict(), device, arg))
+    proc = ctx.Process(target=_child, args=(queue, kind, config.to_dict() if config else None,
+                                            device, kwargs))
     proc.start()
     result = queue.get()
     proc.join()
     return result
 
 
+# ------------------------------------------------------------------------------------ report
+def report(result: dict) -> str:
+    peak = result["peak_gflops"]
+    out = [f"{result['machine']}, torch {result['torch']}, {result['threads']} threads; "
+           f"peak {peak:.0f} GFLOP/s ({result['peak_how']})", ""]
+    out += ["Layers (T=4 convs k3 / ConvTranspose k2 s2, batch 1), ms:", "",
+            "| level | size | channels | conv: 4 separate | conv: grouped | up: 4 separate "
+            "| up: grouped |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in result["layers"]:
+        up = (f"{1e3 * r['up_separate']:.1f} | {1e3 * r['up_grouped']:.1f}"
+              if "up_separate" in r else "- | -")
+        out.append(f"| {r['level']} | {r['size']}^3 | {r['channels']} | "
+                   f"{1e3 * r['conv_separate']:.1f} | {1e3 * r['conv_grouped']:.1f} | {up} |")
+    out += ["", f"One {result['patch']}^3 window forward (batch 1), ms:", "",
+            "| network | " + " | ".join(WINDOW_OPTIONS) + " |",
+            "| --- |" + " --- |" * len(WINDOW_OPTIONS)]
+    for name, options in result["window"].items():
+        cells = [f"{1e3 * options[o]['seconds']:.0f}" if o in options else "-"
+                 for o in WINDOW_OPTIONS]
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    shape = "x".join(map(str, result["case_shape"]))
+    out += ["", f"Training step (batch 2) and whole {shape} case (overlap 0.5):", "",
+            "| network | GFLOP/window | train step fp32 (s) | train step bf16 (s) | train GFLOP/s "
+            "(% peak) | case (s) | case TTA (s) | case GFLOP/s (% peak) | peak memory (MiB) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in result["rows"]:
+        t, c = r.get("train"), r["case"]
+        tb = r.get("train_bf16")
+        tta = r.get("case_tta")
+        memory = max([c["peak_mib"]] + ([t["peak_mib"]] if t else []))
+        out.append(
+            f"| {r['network']} | {r['gflop_per_window']:.1f} | "
+            + (f"{t['seconds']:.2f} | " if t else "- | ")
+            + (f"{tb['seconds']:.2f} | " if tb else "- | ")
+            + (f"{t['gflops_per_s']:.0f} ({100 * t['gflops_per_s'] / peak:.0f}%) | " if t else "- | ")
+            + f"{c['seconds']:.1f} | " + (f"{tta['seconds']:.1f} | " if tta else "- | ")
+            + f"{c['gflops_per_s']:.0f} ({100 * c['gflops_per_s'] / peak:.0f}%) | {memory:.0f} |")
+    out.append("")
+    for ratio in result["ratios"]:
+        out.append(f"- {ratio}")
+    return "\n".join(out)
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--patch", type=int, default=64)
     parser.add_argument("--widths", type=int, nargs="+", default=[8, 16])
     parser.add_argument("--steps", type=int, default=5, help="timed training steps")
-    parser.add_argument("--quick", action="store_true", help="skip the mirrored (TTA) inference")
+    parser.add_argument("--repeats", type=int, default=5, help="timed window forwards")
+    parser.add_argument("--quick", action="store_true",
+                        help="skip the mirrored (TTA) whole case, the unfused whole case and "
+                             "torch.compile")
+    parser.add_argument("--case-shape", type=int, nargs=3, default=[240, 240, 155])
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
+    dev = args.device
 
-    peak, peak_how = gpu_peak_gflops() if args.device == "cuda" else cpu_peak_gflops()
-    rows = []
+    peak, peak_how = gpu_peak_gflops() if dev == "cuda" else cpu_peak_gflops()
+    result = {"device": dev, "patch": args.patch, "train_batch": 2, "overlap": 0.5,
+              "case_shape": args.case_shape,
+              "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+              "threads": len(os.sched_getaffinity(0)), "peak_gflops": peak, "peak_how": peak_how,
+              "layers": isolated("layers", None, dev, patch=args.patch, width=args.widths[0],
+                                 repeats=args.repeats),
+              "window": {}, "rows": [], "ratios": []}
+    if dev == "cuda":
+        result["gpu"] = torch.cuda.get_device_name()
+    print(json.dumps(result["layers"]), flush=True)
+    options = [o for o in WINDOW_OPTIONS if not (args.quick and o == "compile")]
     for width in args.widths:
         ciml = config_for("full", width, args.patch)
-        ciml_flops = flops_per_window(ciml)
-        dyn_width = matched_dynunet_width(ciml_flops, args.patch)
+        dyn_width = matched_dynunet_width(flops_per_window(ciml), args.patch)
         dyn = config_for("dynunet", dyn_width, args.patch)
-        for name, config in ((f"CIML C={width}", ciml), (f"DynUNet C={dyn_width}", dyn)):
+        first = width == args.widths[0]
+        networks = [(f"CIML C={width} fused", ciml, True), (f"CIML C={width} unfused", ciml, False),
+                    (f"DynUNet C={dyn_width}", dyn, False)]
+        for name, config, fused in networks:
+            if first:  # the per-window options table, for the first width
+                result["window"][name] = {
+                    o: isolated("window", config, dev, fused=fused, option=o,
+                                repeats=args.repeats) for o in options}
+                print(name, json.dumps(result["window"][name]), flush=True)
+            if not fused and name.startswith("CIML") and (args.quick or not first):
+                continue  # the unfused whole case once, for the first width
             row = {"network": name, "variant": config.variant, "width": config.width,
-                   "gflop_per_window": flops_per_window(config) / 1e9,
-                   "train_step": run_isolated("train", config, args.device, args.steps),
-                   "inference": run_isolated("infer", config, args.device, False)}
-            if not args.quick:
-                row["inference_tta"] = run_isolated("infer", config, args.device, True)
-            rows.append(row)
+                   "fused": fused, "gflop_per_window": flops_per_window(config) / 1e9,
+                   "case": isolated("case", config, dev, mirror=False, fused=fused,
+                                     shape=args.case_shape)}
+            if fused or name.startswith("DynUNet"):  # training does not fuse
+                row["train"] = isolated("train", config, dev, steps=args.steps, bf16=False)
+                row["train_bf16"] = isolated("train", config, dev, steps=args.steps, bf16=True)
+            if first and not args.quick and (fused or name.startswith("DynUNet")):
+                row["case_tta"] = isolated("case", config, dev, mirror=True, fused=fused,
+                                           shape=args.case_shape)
+            result["rows"].append(row)
             print(json.dumps(row), flush=True)
+        by_name = {r["network"]: r for r in result["rows"]}
+        a, b = by_name[f"CIML C={width} fused"], by_name[f"DynUNet C={dyn_width}"]
+        result["ratios"].append(
+            f"CIML C={width} / DynUNet C={dyn_width} (matched FLOPs): whole case "
+            f"x{a['case']['seconds'] / b['case']['seconds']:.2f}"
+            + (f", with TTA x{a['case_tta']['seconds'] / b['case_tta']['seconds']:.2f}"
+               if "case_tta" in a and "case_tta" in b else "")
+            + f", training step x{a['train']['seconds'] / b['train']['seconds']:.2f}")
+        unfused = by_name.get(f"CIML C={width} unfused")
+        if unfused:
+            result["ratios"].append(
+                f"CIML C={width} fused / unfused: whole case "
+                f"x{a['case']['seconds'] / unfused['case']['seconds']:.2f}")
 
-    result = {"device": args.device, "patch": args.patch, "batch": 2, "overlap": 0.5,
-              "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-              "peak_gflops": peak, "peak_how": peak_how, "rows": rows}
-    if args.device == "cuda":
-        result["gpu"] = torch.cuda.get_device_name()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"speed_{args.device}.json").write_text(json.dumps(result, indent=2) + "\n")
-
-    print(f"\npeak: {peak:.0f} GFLOP/s ({peak_how})")
-    print("| network | GFLOP/window | train step (s) | GFLOP/s (% peak) | whole case (s) "
-          "| whole case TTA (s) | peak memory (MiB) |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for r in rows:
-        t, i = r["train_step"], r["inference"]
-        tta = f"{r['inference_tta']['seconds']:.1f}" if "inference_tta" in r else "-"
-        print(f"| {r['network']} | {r['gflop_per_window']:.1f} | {t['seconds']:.2f} | "
-              f"{i['gflops_per_s']:.0f} ({100 * i['gflops_per_s'] / peak:.0f}%) | "
-              f"{i['seconds']:.1f} | {tta} | {max(t['peak_mib'], i['peak_mib']):.0f} |")
-    for a, b in zip(rows[::2], rows[1::2], strict=True):
-        print(f"{a['network']} / {b['network']}: train step x"
-              f"{a['train_step']['seconds'] / b['train_step']['seconds']:.2f}, whole case x"
-              f"{a['inference']['seconds'] / b['inference']['seconds']:.2f}")
+    (out / f"speed_{dev}.json").write_text(json.dumps(result, indent=2) + "\n")
+    print()
+    print(report(result))
 
 
 if __name__ == "__main__":

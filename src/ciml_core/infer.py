@@ -24,7 +24,12 @@ from ciml_core.data.labels import get_convention, regions_to_labels
 from ciml_core.data.nifti import write_like
 from ciml_core.data.preprocess import preprocess_image, uncrop
 from ciml_core.errors import CimlError, InputDataError
-from ciml_core.model import ensemble_region_probabilities, probabilities_to_region_masks
+from ciml_core.model import (
+    CIMLNetwork,
+    ensemble_region_probabilities,
+    probabilities_to_region_masks,
+)
+from ciml_core.model.grouped import GroupedCIMLNetwork
 
 
 class Cancelled(CimlError):
@@ -58,6 +63,16 @@ def mirror_axes(spatial_dims: int) -> list[tuple[int, ...]]:
     return [c for r in range(spatial_dims + 1) for c in itertools.combinations(dims, r)]
 
 
+def inference_network(model: torch.nn.Module, *, fused: bool = True) -> torch.nn.Module:
+    """The network to run windows through: a CIML network's segmentors fused into grouped
+    convolutions (same outputs, faster: ``benchmarks/speed.py``) unless ``fused`` is False;
+    any other network as it is. Puts ``model`` in eval mode."""
+    model.eval()
+    if fused and isinstance(model, CIMLNetwork):
+        return GroupedCIMLNetwork.from_network(model)
+    return model
+
+
 @torch.inference_mode()
 def sliding_window_predict(
     loaded: LoadedModel,
@@ -67,11 +82,19 @@ def sliding_window_predict(
     mirror: bool = False,
     device: str | torch.device = "auto",
     progress: Callable[[int, int], None] | None = None,
+    fused: bool = True,
+    bf16: bool | None = None,
 ) -> np.ndarray:
-    """Per-region probabilities ``(R, *spatial)`` of a preprocessed image ``(M, *spatial)``."""
-    model, decomposition = loaded.model, loaded.config.decomposition
+    """Per-region probabilities ``(R, *spatial)`` of a preprocessed image ``(M, *spatial)``.
+
+    ``fused``: see :func:`inference_network`. ``bf16``: bfloat16 autocast for the windows
+    (default: on CUDA only; on a CPU with AVX512-BF16 it is faster too, at a small accuracy cost,
+    docs/training.md).
+    """
+    decomposition = loaded.config.decomposition
     dev = resolve_device(device)
-    model.to(dev).eval()
+    model = inference_network(loaded.model.to(dev), fused=fused)
+    use_bf16 = dev.type == "cuda" if bf16 is None else bf16
     patch = tuple(loaded.config.patch_size)
     flips = mirror_axes(len(patch)) if mirror else [()]
     total = count_windows(image.shape[1:], patch, overlap)
@@ -80,7 +103,7 @@ def sliding_window_predict(
     def predictor(window: torch.Tensor) -> torch.Tensor:
         nonlocal done
         probs = 0
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
             for axes in flips:
                 x = window.flip(axes) if axes else window
                 p = ensemble_region_probabilities(model(x), decomposition).float()
@@ -118,6 +141,8 @@ def predict_case(
     mirror: bool = False,
     device: str | torch.device = "auto",
     progress: Callable[[int, int], None] | None = None,
+    fused: bool = True,
+    bf16: bool | None = None,
 ) -> CasePrediction:
     """Preprocess, predict, threshold (ET in TC in WT), map to labels and un-crop one case."""
     if tuple(case.modalities) != tuple(loaded.modalities):
@@ -128,7 +153,7 @@ def predict_case(
     pre = preprocess_image(case.image, case.modalities,
                            pet_method=loaded.info.normalisation.get("pet_method", "log"))
     probs = sliding_window_predict(loaded, pre.image, overlap=overlap, mirror=mirror,
-                                   device=device, progress=progress)
+                                   device=device, progress=progress, fused=fused, bf16=bf16)
     masks = probabilities_to_region_masks(torch.from_numpy(probs)[None], loaded.regions)[0].numpy()
     conv = get_convention(loaded.info.label_convention)
     order = [loaded.regions.index(r) for r in conv.region_names]
