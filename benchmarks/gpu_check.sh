@@ -20,5 +20,5 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
 python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())" >> "$OUT/gpu.txt" 2>&1
 timeout 120 python3 -m pytest tests/test_gpu.py -q -p no:xvfb -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
-timeout 300 python3 benchmarks/speed.py --device cuda --out "$OUT" 2>&1 | tee "$OUT/speed.log"
+timeout 300 python3 benchmarks/speed.py --device cuda --quick --out "$OUT" 2>&1 | tee "$OUT/speed.log"
 timeout 120 python3 benchmarks/predict_full_size.py --device cuda --out "$OUT" 2>&1 | tee "$OUT/predict.log"

@@ -276,20 +276,21 @@ def report(result: dict) -> str:
     shape = "x".join(map(str, result["case_shape"]))
     out += ["", f"Training step (batch 2) and whole {shape} case (overlap 0.5):", "",
             "| network | GFLOP/window | train step fp32 (s) | train step bf16 (s) | train GFLOP/s "
-            "(% peak) | case (s) | case TTA (s) | case GFLOP/s (% peak) | peak memory (MiB) |",
+            "(% peak) | case (s) | case TTA (s) | case GFLOP/s (% peak) | peak memory train / "
+            "case (MiB) |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in result["rows"]:
         t, c = r.get("train"), r["case"]
         tb = r.get("train_bf16")
         tta = r.get("case_tta")
-        memory = max([c["peak_mib"]] + ([t["peak_mib"]] if t else []))
+        memory = (f"{t['peak_mib']:.0f} / " if t else "- / ") + f"{c['peak_mib']:.0f}"
         out.append(
             f"| {r['network']} | {r['gflop_per_window']:.1f} | "
             + (f"{t['seconds']:.2f} | " if t else "- | ")
             + (f"{tb['seconds']:.2f} | " if tb else "- | ")
             + (f"{t['gflops_per_s']:.0f} ({100 * t['gflops_per_s'] / peak:.0f}%) | " if t else "- | ")
             + f"{c['seconds']:.1f} | " + (f"{tta['seconds']:.1f} | " if tta else "- | ")
-            + f"{c['gflops_per_s']:.0f} ({100 * c['gflops_per_s'] / peak:.0f}%) | {memory:.0f} |")
+            + f"{c['gflops_per_s']:.0f} ({100 * c['gflops_per_s'] / peak:.0f}%) | {memory} |")
     out.append("")
     for ratio in result["ratios"]:
         out.append(f"- {ratio}")
@@ -309,7 +310,11 @@ def main() -> None:
                              "torch.compile")
     parser.add_argument("--case-shape", type=int, nargs=3, default=[240, 240, 155])
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--report", metavar="JSON", help="only print the tables of a saved run")
     args = parser.parse_args()
+    if args.report:
+        print(report(json.loads(Path(args.report).read_text())))
+        return
     dev = args.device
 
     peak, peak_how = gpu_peak_gflops() if dev == "cuda" else cpu_peak_gflops()

@@ -103,6 +103,11 @@ def test_predict_small_anisotropic_4d_input_given_as_files(trained_run, tmp_path
                  "--case-id", "small", "--tta"]) == 0
     img = nib.load(out / "small.nii.gz")
     assert img.shape == (20, 24, 12)
+    # the same case with bf16 windows on the CPU: same grid, labels from the same set
+    assert main(["predict", *files, "--out", str(tmp_path / "bf16"), "--model",
+                 str(trained_run / "best"), "--case-id", "small", "--bf16"]) == 0
+    half = nib.load(tmp_path / "bf16" / "small.nii.gz")
+    assert half.shape == (20, 24, 12) and set(np.unique(half.dataobj)) <= {0, 1, 2, 4}
     assert np.array_equal(img.affine, nib.load(tmp_path / "in" / "small_flair.nii.gz").affine)
 
 

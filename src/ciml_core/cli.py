@@ -131,7 +131,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                 bar.update(done - bar.n)
 
             prediction = predict_case(loaded, case, overlap=args.overlap, mirror=args.tta,
-                                      device=ctx.device, progress=tick)
+                                      device=ctx.device, progress=tick,
+                                      bf16=True if args.bf16 else None)
             bar.close()
             written += write_prediction(prediction, case, out, probabilities=args.probabilities,
                                         overwrite=args.overwrite)
@@ -343,6 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--model", default="demo", help="'demo' or a checkpoint folder")
     p.add_argument("--tta", action="store_true", help="8-way mirroring test-time augmentation")
+    p.add_argument("--bf16", action="store_true",
+                   help="bfloat16 autocast on the CPU too (always on CUDA): faster on CPUs with "
+                        "AVX512-BF16/AMX, probabilities differ by ~1e-2 (docs/performance.md)")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (0.5)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--probabilities", action="store_true",
