@@ -211,8 +211,13 @@ def test_explain_and_weights_chart(sample_viewer, qtbot, tmp_path):
     pairs = [explain.pair_combo.itemText(i) for i in range(explain.pair_combo.count())]
     assert pairs == ["all", "FLAIR:WT", "T1:TC", "T2:WT", "T2:TC", "T1CE:TC", "T1CE:ET"]
     assert weights.bar_groups() == []
+    devices = [explain.device_combo.itemText(i) for i in range(explain.device_combo.count())]
+    assert devices[:2] == ["auto", "cpu"]
+    explain.device_combo.setCurrentText("cpu")
     explain.set_pair("all")
     assert run_and_wait(qtbot, explain) == "done"
+    assert explain.status_label.text().startswith("6 pair(s) in ")
+    assert " s on cpu" in explain.status_label.text()
 
     flair = viewer.layers["flair"]
     heat = explain.heatmap_layers()

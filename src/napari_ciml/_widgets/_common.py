@@ -11,7 +11,15 @@ from typing import Any
 import torch
 from napari.utils import notifications
 from qtpy.QtCore import QObject, Signal
-from qtpy.QtWidgets import QComboBox, QHBoxLayout, QLabel, QProgressBar, QPushButton, QWidget
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QWidget,
+)
 
 from ciml_core.errors import CimlError
 from ciml_core.infer import Cancelled
@@ -106,6 +114,35 @@ def run_steps(steps: list[Callable[[], None]], done: Callable[[], None],
         QTimer.singleShot(STEP_PAUSE_MS, step)
 
     QTimer.singleShot(0, step)
+
+
+def available_devices() -> tuple[list[str], str | None]:
+    """Devices this machine can run on (``auto`` first) and, without CUDA, why not."""
+    devices = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        devices += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        return devices, None
+    if torch.version.cuda is None:
+        reason = f"CUDA unavailable: torch {torch.__version__} is a CPU-only build"
+    else:
+        reason = (f"CUDA unavailable: torch {torch.__version__} (CUDA {torch.version.cuda}) sees "
+                  "no GPU (no driver, or CUDA_VISIBLE_DEVICES hides it)")
+    return devices, reason
+
+
+def add_device_row(form: QFormLayout) -> tuple[QComboBox, QLabel]:
+    """A "Device" combo (auto, cpu, cuda:i) and, without CUDA, a label saying why not."""
+    combo = QComboBox()
+    devices, reason = available_devices()
+    combo.addItems(devices)
+    label = QLabel(reason or "")
+    label.setWordWrap(True)
+    label.setVisible(reason is not None)
+    if reason:
+        combo.setToolTip(reason)
+    form.addRow("Device", combo)
+    form.addRow("", label)
+    return combo, label
 
 
 def fill_combo(combo: QComboBox, names: list[str], current: str | None, *,

@@ -40,6 +40,7 @@ from napari_ciml._widgets._common import (
     USER_ERRORS,
     JobWidget,
     ProgressRelay,
+    add_device_row,
     combo_value,
     fill_combo,
     notify_error,
@@ -88,6 +89,7 @@ class _ExplainContext:
     scale: tuple[float, ...]
     translate: tuple[float, ...]
     started: float
+    device: str
 
 
 def explain_job(session, ref: str, case: LoadedCase, pairs, *, target_mask, mode: str,
@@ -163,6 +165,7 @@ class ExplainWidget(JobWidget):
         self.mode_combo.setToolTip("roi: one window centred on the tumour (fast); sliding: every "
                                    "window of the volume, stitched (slow)")
         form.addRow("Window", self.mode_combo)
+        self.device_combo, self.device_reason = add_device_row(form)
         self.colormap_combo = QComboBox()
         self.colormap_combo.addItems(COLORMAPS)
         self.colormap_combo.currentTextChanged.connect(self._restyle)
@@ -242,7 +245,7 @@ class ExplainWidget(JobWidget):
                 raise ValueError(self.model_label.text())
             mapping = self._mapping()
             case = case_from_layers(self.viewer.layers, mapping, self.modalities)
-            device = str(resolve_device("auto"))
+            device = str(resolve_device(self.device_combo.currentText()))
             choice = self.pair_combo.currentText()
             pairs = None if choice == ALL_PAIRS else [self._pairs[choice]]
             target_mask = self._target_mask(case)
@@ -257,7 +260,7 @@ class ExplainWidget(JobWidget):
             return None
         first = self.viewer.layers[mapping[self.modalities[0]]]
         self._context = _ExplainContext(case, case.reference, tuple(first.scale),
-                                        tuple(first.translate), time.perf_counter())
+                                        tuple(first.translate), time.perf_counter(), device)
         self.status_label.setText(f"Grad-CAM of {choice} on {case.case_id} ({device})…")
         return self._launch(explain_job, self.session, self.session.model_ref, case, pairs,
                             target_mask=target_mask, mode=self.mode_combo.currentText(),
@@ -304,7 +307,7 @@ class ExplainWidget(JobWidget):
         empty = [e.name for e in self.explanations if e.target_voxels == 0]
         note = f"; empty target for {', '.join(empty)} (equal weights)" if empty else ""
         self.status_label.setText(f"{len(self.explanations)} pair(s) in "
-                                  f"{time.perf_counter() - ctx.started:.1f} s{note}")
+                                  f"{time.perf_counter() - ctx.started:.1f} s on {ctx.device}{note}")
 
     # ------------------------------------------------------------------ layers
     def heatmap_layers(self) -> list:

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QCheckBox,
@@ -49,6 +48,7 @@ from napari_ciml._widgets._common import (
     USER_ERRORS,
     JobWidget,
     ProgressRelay,
+    add_device_row,
     combo_value,
     fill_combo,
     notify_error,
@@ -58,20 +58,6 @@ from napari_ciml._widgets._common import (
 )
 
 DEMO_TEXT = "Bundled demo model"
-
-
-def available_devices() -> tuple[list[str], str | None]:
-    """Devices this machine can run on (``auto`` first) and, without CUDA, why not."""
-    devices = ["auto", "cpu"]
-    if torch.cuda.is_available():
-        devices += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-        return devices, None
-    if torch.version.cuda is None:
-        reason = f"CUDA unavailable: torch {torch.__version__} is a CPU-only build"
-    else:
-        reason = (f"CUDA unavailable: torch {torch.__version__} (CUDA {torch.version.cuda}) sees "
-                  "no GPU (no driver, or CUDA_VISIBLE_DEVICES hides it)")
-    return devices, reason
 
 
 def checkpoint_summary(document: dict[str, Any], ref: str) -> str:
@@ -180,16 +166,7 @@ class SegmentWidget(JobWidget):
         layout.addWidget(self.mapping_box)
 
         options = QFormLayout()
-        self.device_combo = QComboBox()
-        devices, reason = available_devices()
-        self.device_combo.addItems(devices)
-        self.device_reason = QLabel(reason or "")
-        self.device_reason.setWordWrap(True)
-        self.device_reason.setVisible(reason is not None)
-        if reason:
-            self.device_combo.setToolTip(reason)
-        options.addRow("Device", self.device_combo)
-        options.addRow("", self.device_reason)
+        self.device_combo, self.device_reason = add_device_row(options)
         self.overlap_spin = QDoubleSpinBox()
         self.overlap_spin.setRange(0.0, 0.9)
         self.overlap_spin.setSingleStep(0.05)
