@@ -45,3 +45,14 @@ def test_gpu_windows_match_cpu():
     # bf16 autocast on the GPU: probabilities agree to a few hundredths
     assert np.abs(gpu - cpu).max() < 0.1
     assert ((gpu > 0.5) == (cpu > 0.5)).mean() > 0.99
+
+
+def test_fused_windows_match_unfused_on_cuda():
+    loaded = load_checkpoint("demo")
+    phantom = make_brats_phantom(5001, shape=(64, 64, 48))
+    image = np.stack([phantom.images[m] for m in loaded.modalities])
+    image = (image - image.mean()) / image.std()
+    fused = sliding_window_predict(loaded, image, device="cuda", bf16=False)
+    unfused = sliding_window_predict(loaded, image, device="cuda", bf16=False, fused=False)
+    # fp32 (cuDNN may use TF32 for convolutions): equal to a few thousandths
+    assert np.abs(fused - unfused).max() < 5e-3
