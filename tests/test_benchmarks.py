@@ -3,8 +3,6 @@
 import importlib.util
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -44,9 +42,9 @@ def test_dynunet_width_matching_ciml_flops():
     assert accuracy.flop_matched_dynunet_width(8, 32) == 6
 
 
-@pytest.mark.parametrize("width", [4])
-def test_speed_report_renders_a_saved_run(width):
+def test_speed_report_renders_a_saved_run():
     speed = _load("speed")
+    width = 4
     case = {"seconds": 10.0, "windows": 8, "gflop": 100.0, "gflops_per_s": 10.0, "peak_mib": 900.0}
     train = {"seconds": 2.0, "gflop": 20.0, "gflops_per_s": 10.0, "peak_mib": 1500.0}
     result = {"machine": "x86_64", "torch": "2.13.0", "threads": 2, "peak_gflops": 100.0,
