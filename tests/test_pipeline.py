@@ -157,15 +157,16 @@ def test_train_with_a_custom_task_decomposition(phantoms, tmp_path, capsys):
 def test_resume_after_interrupt_reaches_same_epochs(phantoms, tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "ciml_core.cli", "train", str(phantoms), "--out", str(run),
-           "--epochs", "3", "--iters-per-epoch", "30", "--patch", "32", "--width", "2",
+           "--epochs", "3", "--iters-per-epoch", "6", "--patch", "32", "--width", "2",
            "--batch", "1", "--workers", "0", "--device", "cpu", "--val-every", "100"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # A shell that starts pytest in the background passes SIGINT on as ignored, and Python then
+    # never raises KeyboardInterrupt; give the child the default disposition, as a terminal does.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not (run / "latest" / "config.json").exists() and time.time() < deadline:
         time.sleep(0.2)
-    # Ctrl-C after the first epoch's checkpoint; 30 steps per epoch (~4 s) leave the poll above
-    # time to see it before the run ends (with 6 it once finished first on a busy CPU).
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C after the first epoch's checkpoint
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, output
     assert "interrupted: saved" in output
