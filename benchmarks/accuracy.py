@@ -199,8 +199,10 @@ def main() -> None:
     print(report)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"budget": budget, "args": vars(args), "results": results},
-                              indent=2) + "\n")
+    # The runs themselves say which seeds and settings they used (an invocation with --report
+    # or a subset of --seeds must not stand in for them).
+    out.write_text(json.dumps({"budget": budget, "seeds": sorted({r["seed"] for r in results}),
+                               "runs": list(RUNS), "results": results}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
