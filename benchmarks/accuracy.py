@@ -37,7 +37,7 @@ from ciml_core.data.layouts import discover_cases
 from ciml_core.data.phantoms import write_phantom_dataset
 from ciml_core.infer import predict_case
 from ciml_core.metrics import region_metrics
-from ciml_core.model import ModelConfig
+from ciml_core.model import ModelConfig, flop_matched_width
 from ciml_core.train import TrainConfig, train
 
 WORST_DECOMPOSITION = {
@@ -80,18 +80,8 @@ LABELS = {
 
 def flop_matched_dynunet_width(width: int, patch: int) -> int:
     """DynUNet base width whose FLOPs per window are closest to CIML's at ``width``."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from ciml_core.model import build_model
-
-    def flops(variant: str, c: int) -> int:
-        config = ModelConfig(width=c, variant=variant, patch_size=(patch,) * 3)
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
-            build_model(config).eval()(torch.zeros(1, 4, patch, patch, patch))
-        return counter.get_total_flops()
-
-    target = flops("full", width)
-    return min(range(1, 2 * width + 1), key=lambda c: abs(flops("dynunet", c) - target))
+    ciml = ModelConfig(width=width, patch_size=(patch,) * 3)
+    return flop_matched_width(ciml, "dynunet", norm="instance")
 
 
 def make_data(root: Path, train_cases: int, test_cases: int) -> tuple[Path, Path]:

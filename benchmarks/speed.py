@@ -44,7 +44,13 @@ from ciml_core.data.dataset import LoadedCase
 from ciml_core.data.nifti import NiftiSource
 from ciml_core.data.phantoms import make_brats_phantom
 from ciml_core.infer import inference_network, predict_case
-from ciml_core.model import CIMLLoss, ModelConfig, build_model
+from ciml_core.model import (
+    CIMLLoss,
+    ModelConfig,
+    build_model,
+    flop_matched_width,
+    window_flops,
+)
 
 GPU_PEAK_TFLOPS_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 BRATS = ("flair", "t1", "t1ce", "t2")
@@ -100,20 +106,6 @@ def _median_seconds(fn, device: torch.device, repeats: int) -> float:
 def config_for(variant: str, width: int, patch: int) -> ModelConfig:
     return ModelConfig(width=width, variant=variant, patch_size=(patch,) * 3,
                        norm="instance" if variant == "dynunet" else "batch")
-
-
-def flops_per_window(config: ModelConfig, batch: int = 1) -> int:
-    model = build_model(config).eval()
-    x = torch.zeros(batch, len(config.decomposition.modalities), *config.patch_size)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(x)
-    return counter.get_total_flops()
-
-
-def matched_dynunet_width(target_flops: int, patch: int) -> int:
-    """The DynUNet base width whose forward FLOPs per window are closest to ``target_flops``."""
-    return min(range(1, 33), key=lambda c: abs(flops_per_window(config_for("dynunet", c, 32))
-                                               * (patch / 32) ** 3 - target_flops))
 
 
 # ------------------------------------------------------------------------------------ measurements
@@ -226,7 +218,7 @@ def measure_case(config: ModelConfig, device: torch.device, mirror: bool, fused:
                  fused=fused)
     _sync(device)
     seconds = time.perf_counter() - t0
-    flops = flops_per_window(config) * windows * (8 if mirror else 1)
+    flops = window_flops(config) * windows * (8 if mirror else 1)
     return {"seconds": seconds, "windows": windows, "gflop": flops / 1e9,
             "gflops_per_s": flops / 1e9 / seconds, "peak_mib": _peak_memory_mib(device)}
 
@@ -331,7 +323,7 @@ def main() -> None:
     options = [o for o in WINDOW_OPTIONS if not (args.quick and o == "compile")]
     for width in args.widths:
         ciml = config_for("full", width, args.patch)
-        dyn_width = matched_dynunet_width(flops_per_window(ciml), args.patch)
+        dyn_width = flop_matched_width(ciml, "dynunet", norm="instance")
         dyn = config_for("dynunet", dyn_width, args.patch)
         first = width == args.widths[0]
         networks = [(f"CIML C={width} fused", ciml, True), (f"CIML C={width} unfused", ciml, False),
@@ -345,7 +337,7 @@ def main() -> None:
             if not fused and name.startswith("CIML") and (args.quick or not first):
                 continue  # the unfused whole case once, for the first width
             row = {"network": name, "variant": config.variant, "width": config.width,
-                   "fused": fused, "gflop_per_window": flops_per_window(config) / 1e9,
+                   "fused": fused, "gflop_per_window": window_flops(config) / 1e9,
                    "case": isolated("case", config, dev, mirror=False, fused=fused,
                                      shape=args.case_shape)}
             if fused or name.startswith("DynUNet"):  # training does not fuse

@@ -6,7 +6,12 @@ region probabilities with :func:`ensemble_region_probabilities`. docs/method.md 
 architecture and every choice the paper leaves open.
 """
 
-from ciml_core.model.build import build_model, count_parameters
+from ciml_core.model.build import (
+    build_model,
+    count_parameters,
+    flop_matched_width,
+    window_flops,
+)
 from ciml_core.model.cig import (
     ComplementaryInformationGate,
     CrossModalAttention,
@@ -39,6 +44,8 @@ __all__ = [
     "build_model",
     "count_parameters",
     "ensemble_region_probabilities",
+    "flop_matched_width",
     "kl_to_standard_normal",
     "probabilities_to_region_masks",
+    "window_flops",
 ]
