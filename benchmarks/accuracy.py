@@ -32,11 +32,9 @@ import numpy as np
 import torch
 
 from ciml_core.checkpoint import load_checkpoint
-from ciml_core.data.dataset import load_case
 from ciml_core.data.layouts import discover_cases
 from ciml_core.data.phantoms import write_phantom_dataset
-from ciml_core.infer import predict_case
-from ciml_core.metrics import region_metrics
+from ciml_core.evaluate import score_model
 from ciml_core.model import ModelConfig, flop_matched_width
 from ciml_core.train import TrainConfig, train
 
@@ -93,18 +91,6 @@ def make_data(root: Path, train_cases: int, test_cases: int) -> tuple[Path, Path
     return train_dir, test_dir
 
 
-def score(checkpoint: Path, test_dir: Path) -> dict:
-    loaded = load_checkpoint(checkpoint)
-    per_case = {}
-    for files in discover_cases(test_dir):
-        case = load_case(files, loaded.modalities, label_convention="brats2020")
-        pred = predict_case(loaded, case, device="cpu")
-        per_case[case.case_id] = region_metrics(pred.label, case.label, "brats2020", case.spacing)
-    mean = {r: {m: float(np.mean([c[r][m] for c in per_case.values()])) for m in ("dice", "hd95")}
-            for r in REGIONS}
-    return {"per_case": per_case, "mean": mean}
-
-
 def run_one(name: str, seed: int, args: argparse.Namespace, train_dir: Path, test_dir: Path,
             dynunet_width: int) -> dict:
     out = Path(args.root) / f"seed{seed}" / name
@@ -123,8 +109,10 @@ def run_one(name: str, seed: int, args: argparse.Namespace, train_dir: Path, tes
     t0 = time.time()
     train(cfg)
     train_seconds = time.time() - t0
+    per_case, mean = score_model(load_checkpoint(out / "best"), discover_cases(test_dir),
+                                 "brats2020", device="cpu")
     result = {"run": name, "seed": seed, "overrides": overrides, "train_seconds": train_seconds,
-              **score(out / "best", test_dir)}
+              "per_case": per_case, "mean": mean}
     tmp = result_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     tmp.replace(result_path)

@@ -15,28 +15,18 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ciml_core.checkpoint import LoadedModel, load_checkpoint
-from ciml_core.data.dataset import load_case
 from ciml_core.data.layouts import discover_cases
 from ciml_core.data.phantoms import write_phantom_dataset
-from ciml_core.infer import predict_case
-from ciml_core.metrics import region_metrics
+from ciml_core.evaluate import score_model
 from ciml_core.model import build_model
 
 
 def score(loaded: LoadedModel, cases, label_convention: str) -> dict:
-    per_case = []
-    for files in cases:
-        case = load_case(files, loaded.modalities, label_convention=label_convention)
-        pred = predict_case(loaded, case, device="auto")
-        per_case.append(region_metrics(pred.label, case.label, label_convention, case.spacing))
-    regions = list(per_case[0])
-    summary = {r: {m: float(np.mean([c[r][m] for c in per_case])) for m in ("dice", "hd95")}
-               for r in regions}
-    return {"per_case": per_case, "mean": summary}
+    per_case, mean = score_model(loaded, cases, label_convention)
+    return {"per_case": list(per_case.values()), "mean": mean}
 
 
 def main() -> None:

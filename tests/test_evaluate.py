@@ -286,3 +286,29 @@ def test_json_out_path_and_unknown_convention_are_refused(tmp_path):
         evaluate_folders(pred_dir, ref_dir, out=tmp_path / "report.json")
     with pytest.raises(ConfigError, match="brats2019"):
         evaluate_folders(pred_dir, ref_dir, labels="brats2019")
+
+
+def test_score_model_in_memory_equals_evaluating_the_written_predictions(tmp_path):
+    from ciml_core.checkpoint import load_checkpoint
+    from ciml_core.data.dataset import load_case
+    from ciml_core.data.layouts import discover_cases
+    from ciml_core.data.phantoms import write_phantom_dataset
+    from ciml_core.evaluate import evaluate_folders, score_model
+    from ciml_core.infer import predict_case, write_prediction
+
+    write_phantom_dataset("brats", 2, tmp_path / "ref", seed=5000, shape=(64, 64, 48))
+    cases = discover_cases(tmp_path / "ref")
+    demo = load_checkpoint("demo")
+    per_case, mean = score_model(demo, cases, "brats2020", device="cpu")
+    for files in cases:
+        case = load_case(files, demo.modalities, label_convention="brats2020")
+        write_prediction(predict_case(demo, case, device="cpu"), case, tmp_path / "pred")
+    report = evaluate_folders(tmp_path / "pred", tmp_path / "ref", "brats2020")
+    assert sorted(per_case) == [c.case_id for c in report.cases]
+    for result in report.cases:
+        for region in ("WT", "TC", "ET"):
+            for metric in ("dice", "hd95"):
+                assert per_case[result.case_id][region][metric] == pytest.approx(
+                    result.metrics[region][metric])
+    assert mean["WT"]["dice"] == pytest.approx(report.values("WT", "dice").mean())
+    assert mean["WT"]["dice"] > 0.5  # the demo segments these phantoms

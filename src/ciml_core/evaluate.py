@@ -443,3 +443,28 @@ def evaluate_folders(
     if out is not None:
         report.write(out, overwrite=overwrite)
     return report
+
+
+def score_model(
+    loaded, cases, label_convention: str, *, device: str = "auto"
+) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, dict[str, float]]]:
+    """Predict labelled cases in memory and score them: ``(per_case, mean)``.
+
+    ``loaded`` is a :class:`~ciml_core.checkpoint.LoadedModel`, ``cases`` are ``CaseFiles``
+    (e.g. from :func:`discover_cases`). ``per_case[case_id][region]`` holds ``dice`` and
+    ``hd95`` (BraTS rules); ``mean[region]`` their means over the cases. For benchmarks and
+    experiments; ``ciml-core evaluate`` scores files written by ``predict`` instead.
+    """
+    from ciml_core.data.dataset import load_case
+    from ciml_core.infer import predict_case
+
+    per_case = {}
+    for files in cases:
+        case = load_case(files, loaded.modalities, label_convention=label_convention)
+        prediction = predict_case(loaded, case, device=device)
+        per_case[case.case_id] = region_metrics(prediction.label, case.label, label_convention,
+                                                case.spacing)
+    regions = next(iter(per_case.values()))
+    mean = {r: {m: float(np.mean([c[r][m] for c in per_case.values()])) for m in ("dice", "hd95")}
+            for r in regions}
+    return per_case, mean
