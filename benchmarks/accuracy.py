@@ -12,7 +12,11 @@ weights. The runs:
   (early fusion, base width chosen so that its FLOPs per window match CIML's);
 - Table 6: ``decomposition_worst`` (the paper's worst row: FLAIR->TC, T1->TC+ET, T2->WT,
   T1CE->TC); its best row is the default decomposition, i.e. ``full``;
-- beta: ``beta_0.05`` and ``beta_5`` (``full`` is beta = 0.5).
+- beta: ``beta_0.05`` and ``beta_5`` (``full`` is beta = 0.5);
+- the ET collapse: ``paper`` (CIML trained without the training additions that are now the
+  defaults: docs/method.md) and ``paper+<addition>`` with one addition each. Every trained model
+  is also scored with the other nesting rule and with / without batch-norm recalibration
+  (``posthoc``), which need no retraining.
 
 Each (seed, run) trains in ``<root>/seed<k>/<run>`` and writes ``result.json`` when scored, so the
 script can be stopped at any time (Ctrl-C / SIGTERM save the run's ``latest``) and started again:
@@ -46,6 +50,9 @@ WORST_DECOMPOSITION = {
               {"primary": ["t2"], "regions": ["WT"]},
               {"primary": ["t1ce"], "regions": ["TC"]}],
 }
+#: The paper's training recipe: TrainConfig's additions against the ET collapse switched off.
+PAPER_RECIPE = {"region_weighting": "head", "message_dropout": 0.0, "warmup_epochs": 0,
+                "beta_ramp_epochs": 0, "et_oversampling": 1.0, "bn_recalibration": 0}
 #: run name -> TrainConfig fields that differ from CIML "full" (group, for the table).
 RUNS: dict[str, tuple[str, dict]] = {
     "baseline": ("Table 5", {"variant": "baseline"}),
@@ -57,7 +64,22 @@ RUNS: dict[str, tuple[str, dict]] = {
     "decomposition_worst": ("Table 6", {"decomposition": WORST_DECOMPOSITION}),
     "beta_0.05": ("beta", {"beta": 0.05}),
     "beta_5": ("beta", {"beta": 5.0}),
+    # The ET collapse (docs/method.md, "Training additions"): CIML trained as the paper says
+    # (none of the additions that are now the defaults), then with each addition alone.
+    "paper": ("collapse", PAPER_RECIPE),
+    "paper+region_weights": ("collapse", {**PAPER_RECIPE, "region_weighting": "region"}),
+    "paper+message_dropout": ("collapse", {**PAPER_RECIPE, "message_dropout": 0.3}),
+    "paper+warmup_beta_ramp": ("collapse", {**PAPER_RECIPE, "warmup_epochs": 4,
+                                            "beta_ramp_epochs": 10}),
+    "paper+et_sampling": ("collapse", {**PAPER_RECIPE, "et_oversampling": 3.0}),
+    # the four together, i.e. the defaults without batch-norm recalibration (scored +- it)
+    "paper+all": ("collapse", {**PAPER_RECIPE, "region_weighting": "region",
+                               "message_dropout": 0.3, "warmup_epochs": 4, "beta_ramp_epochs": 10,
+                               "et_oversampling": 3.0}),
 }
+#: Post-hoc settings scored on every trained model: nesting rule x batch-norm recalibration.
+POSTHOC = [(nesting, recal) for nesting in ("union", "intersection") for recal in (False, True)]
+RECALIBRATION_BATCHES = 16
 REGIONS = ("WT", "TC", "ET")
 #: A run whose mean ET Dice is below this predicted ET over (most of) the tumour core: the
 #: "collapsed" runs the table counts, since a mean +- sd hides that the outcome is bimodal.
@@ -68,11 +90,17 @@ LABELS = {
     "message": "+ Message",
     "attention": "+ Message + Attention",
     "vi": "+ Message + VI",
-    "full": "**CIML** (+ Message + Attention + VI; Table 6 best row; beta 0.5)",
-    "dynunet": "DynUNet, early fusion (FLOP-matched width)",
+    "full": "**CIML** (+ Message + Attention + VI; Table 6 best row; beta 0.5; training additions)",
+    "dynunet": "DynUNet, early fusion (FLOP-matched width; instance norm, the CIML rows batch norm)",
     "decomposition_worst": "Table 6 worst row: FLAIR->TC, T1->TC+ET, T2->WT, T1CE->TC",
     "beta_0.05": "beta = 0.05",
     "beta_5": "beta = 5",
+    "paper": "CIML, the paper's recipe (no training additions)",
+    "paper+region_weights": "paper + equal weight per region",
+    "paper+message_dropout": "paper + message dropout 0.3",
+    "paper+warmup_beta_ramp": "paper + lr warm-up 4 epochs, beta ramp 10 epochs",
+    "paper+et_sampling": "paper + ET-weighted patch centres (x3)",
+    "paper+all": "paper + all four (the defaults without BN recalibration)",
 }
 
 
@@ -109,14 +137,103 @@ def run_one(name: str, seed: int, args: argparse.Namespace, train_dir: Path, tes
     t0 = time.time()
     train(cfg)
     train_seconds = time.time() - t0
-    per_case, mean = score_model(load_checkpoint(out / "best"), discover_cases(test_dir),
-                                 "brats2020", device="cpu")
+    test_cases = discover_cases(test_dir)
+    posthoc, per_case_union = posthoc_scores(out, cfg, train_dir, test_cases)
+    if cfg.bn_recalibration == 0:  # the saved model scored with the default nesting: done above
+        per_case, mean = per_case_union, posthoc["union"]
+    else:
+        per_case, mean = score_model(load_checkpoint(out / "best"), test_cases, "brats2020",
+                                     device="cpu")
     result = {"run": name, "seed": seed, "overrides": overrides, "train_seconds": train_seconds,
-              "per_case": per_case, "mean": mean}
+              "per_case": per_case, "mean": mean, "posthoc": posthoc}
     tmp = result_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     tmp.replace(result_path)
     return result
+
+
+def posthoc_scores(out: Path, cfg: TrainConfig, train_dir: Path,
+                   test_cases: list) -> tuple[dict, dict]:
+    """Mean Dice/HD95 of the final model under each nesting rule, with and without batch-norm
+    statistics recomputed (z = mu) on training patches: settings that need no retraining.
+    Also returns the per-case scores of the saved model with union nesting."""
+    from ciml_core.data.patches import prepare_cases
+    from ciml_core.model import recalibrate_batch_norm
+    from ciml_core.train import foreground_region_weights, recalibration_batches
+
+    scores, per_case_union = {}, {}
+    for recal in (False, True):
+        loaded = load_checkpoint(out / "best")
+        if recal:
+            cases = prepare_cases(discover_cases(train_dir), loaded.modalities, loaded.regions,
+                                  "brats2020", out / "cache")
+            recalibrate_batch_norm(loaded.model, recalibration_batches(
+                cfg, cases, torch.device("cpu"), RECALIBRATION_BATCHES,
+                foreground_region_weights(cfg, loaded.regions)))
+        for nesting in ("union", "intersection"):
+            per_case, mean = score_model(loaded, test_cases, "brats2020", device="cpu",
+                                         nesting=nesting)
+            scores[f"{nesting}{'+recal' if recal else ''}"] = mean
+            if not recal and nesting == "union":
+                per_case_union = per_case
+    return scores, per_case_union
+
+
+def posthoc_table(results: list[dict]) -> str:
+    """ET Dice (mean over seeds) per run under each post-hoc setting, and collapsed counts."""
+    keys = [f"{n}{'+recal' if r else ''}" for n, r in POSTHOC]
+    lines = ["| network | " + " | ".join(f"ET Dice, {k}" for k in keys) + " | seeds |",
+             "| --- |" + " --- |" * (len(keys) + 1)]
+    for name in RUNS:
+        rows = [r for r in results if r["run"] == name and "posthoc" in r]
+        if not rows:
+            continue
+        cells = []
+        for k in keys:
+            et = np.array([r["posthoc"][k]["ET"]["dice"] for r in rows])
+            cells.append(f"{100 * et.mean():.1f} ({int((et < ET_COLLAPSE).sum())}/{len(et)})")
+        lines.append(f"| {LABELS[name]} | " + " | ".join(cells)
+                     + f" | {','.join(str(r['seed']) for r in rows)} |")
+    return "\n".join(lines)
+
+
+def paired_comparison(results: list[dict], a: str, b: str, *, resamples: int = 10_000,
+                      seed: int = 0) -> dict | None:
+    """Run ``a`` against run ``b`` on the same (seed, test case) pairs: mean Dice over the regions
+    per pair, the mean difference a - b with a 95 % bootstrap interval (resampling the pairs)
+    and the Wilcoxon signed-rank p-value. None when they share no (seed, case)."""
+    from scipy.stats import wilcoxon
+
+    def per_case(run: str) -> dict[tuple[int, str], float]:
+        return {(r["seed"], case): float(np.mean([m[reg]["dice"] for reg in REGIONS]))
+                for r in results if r["run"] == run for case, m in r["per_case"].items()}
+
+    da, db = per_case(a), per_case(b)
+    keys = sorted(set(da) & set(db))
+    if not keys:
+        return None
+    diff = np.array([da[k] - db[k] for k in keys])
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(len(diff), size=(resamples, len(diff)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    p = float(wilcoxon(diff).pvalue) if np.any(diff != 0) else 1.0
+    return {"a": a, "b": b, "pairs": len(keys), "seeds": sorted({k[0] for k in keys}),
+            "mean_difference": float(diff.mean()), "ci95": [float(low), float(high)],
+            "wilcoxon_p": p}
+
+
+def comparison_table(results: list[dict]) -> str:
+    lines = ["| comparison (mean Dice over WT, TC, ET per case) | pairs (seed x case) | mean "
+             "difference | 95 % bootstrap CI | Wilcoxon p |", "| --- | --- | --- | --- | --- |"]
+    for a, b in (("full", "dynunet"), ("full", "baseline"), ("full", "attention"),
+                 ("paper+all", "paper")):
+        c = paired_comparison(results, a, b)
+        if c is not None:
+            lines.append(f"| {LABELS[a].split(' (')[0]} - {LABELS[b].split(' (')[0]} | "
+                         f"{c['pairs']} | {100 * c['mean_difference']:+.2f} | "
+                         f"[{100 * c['ci95'][0]:+.2f}, {100 * c['ci95'][1]:+.2f}] | "
+                         f"{c['wilcoxon_p']:.3g} |")
+    return "\n".join(lines)
 
 
 def table(results: list[dict], budget: str) -> str:
@@ -175,6 +292,10 @@ def main() -> None:
     results = [json.loads(p.read_text()) for p in sorted(root.glob("seed*/*/result.json"))]
     report = table(results, budget)
     print(report)
+    print()
+    print(posthoc_table(results))
+    print()
+    print(comparison_table(results))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     # The runs themselves say which seeds and settings they used (an invocation with --report

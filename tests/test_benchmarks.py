@@ -59,3 +59,23 @@ def test_speed_report_renders_a_saved_run():
     assert "| CIML | 250 | - | - | - | - |" in text
     assert "| CIML | 12.5 | 2.00 | - | 10 (10%) | 10.0 | - | 10 (10%) | 1500 / 900 |" in text
     assert text.rstrip().endswith("- CIML / DynUNet: whole case x1.00")
+
+
+def test_paired_comparison_of_two_runs_on_the_same_cases():
+    accuracy = _load("accuracy")
+
+    def run(name, seed, per_case):
+        return {"run": name, "seed": seed, "per_case": {
+            c: {r: {"dice": d, "hd95": 0.0} for r in ("WT", "TC", "ET")}
+            for c, d in per_case.items()}}
+
+    results = [run("full", 0, {"a": 0.9, "b": 0.8}), run("full", 1, {"a": 0.7, "b": 0.6}),
+               run("dynunet", 0, {"a": 0.8, "b": 0.8}), run("dynunet", 1, {"a": 0.6, "b": 0.7})]
+    c = accuracy.paired_comparison(results, "full", "dynunet", resamples=2000)
+    # differences per (seed, case): +0.1, 0, +0.1, -0.1 -> mean +0.025
+    assert c["pairs"] == 4 and c["seeds"] == [0, 1]
+    assert abs(c["mean_difference"] - 0.025) < 1e-12
+    assert -0.1 <= c["ci95"][0] <= 0.025 <= c["ci95"][1] <= 0.1
+    assert 0 < c["wilcoxon_p"] <= 1
+    assert accuracy.paired_comparison(results, "full", "baseline") is None
+    assert "+2.50" in accuracy.comparison_table(results)

@@ -12,6 +12,7 @@ from ciml_core.checkpoint import (
     load_training_state,
     read_checkpoint_config,
     save_checkpoint,
+    seal_config,
 )
 from ciml_core.cli import main
 from ciml_core.errors import CheckpointError
@@ -74,6 +75,12 @@ def test_missing_key_and_wrong_shape_are_refused(tiny_checkpoint):
     doc["label_convention"] = "brats2020"
     doc["model"]["width"] = 3  # the tensors were saved for width 2
     (path / "config.json").write_text(json.dumps(doc))
+    # the config hash sees the edit first ...
+    with pytest.raises(CheckpointError, match="config_sha256 .* does not match its content"):
+        load_checkpoint(path)
+    # ... and a re-sealed (consistent but wrong) config is refused by the tensor shapes, read
+    # from the safetensors header before the network is built
+    (path / "config.json").write_text(json.dumps(seal_config(doc)))
     with pytest.raises(CheckpointError, match="does not match its config.json: .* has shape"):
         load_checkpoint(path)
 

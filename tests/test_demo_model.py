@@ -58,3 +58,23 @@ def test_untrained_network_is_far_below(demo):
     untrained = LoadedModel(build_model(demo.config).eval(), demo.config, demo.info, demo.path, "")
     scores = mean_dice(untrained, seeds=SEEDS[:1])
     assert all(scores[r] < THRESHOLDS[r] - 0.15 for r in THRESHOLDS), scores
+
+
+def test_demo_t1ce_segmentor_reads_et_from_t1ce(demo, tmp_path):
+    """The phantom shows enhancement only on T1CE: the T1CE segmentor's ET must fall most when
+    T1CE is zeroed, not when an auxiliary modality is (ciml_core.reliance)."""
+    from ciml_core.data.dataset import load_case
+    from ciml_core.data.layouts import discover_cases
+    from ciml_core.data.phantoms import write_phantom_dataset
+    from ciml_core.reliance import INTACT, NO_MESSAGES, largest_drop, modality_reliance, summarise
+
+    write_phantom_dataset("brats", 1, tmp_path, seed=SEEDS[0])
+    case = load_case(discover_cases(tmp_path)[0], demo.modalities, label_convention="brats2020")
+    summary = summarise(modality_reliance(demo, case))
+    et = summary[("t1ce", "ET")]
+    assert et[INTACT]["dice"] > THRESHOLDS["ET"]
+    assert largest_drop(et) == "zero:t1ce", et
+    assert et["zero:t1ce"]["dice"] < et[INTACT]["dice"] - 0.3
+    # every other zeroing and the messages leave more of the ET than zeroing T1CE does
+    for condition in ("zero:flair", "zero:t1", "zero:t2", NO_MESSAGES):
+        assert et[condition]["dice"] > et["zero:t1ce"]["dice"], (condition, et)

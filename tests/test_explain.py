@@ -21,7 +21,9 @@ from ciml_core.data.preprocess import preprocess_image, uncrop
 from ciml_core.errors import ConfigError, InputDataError
 from ciml_core.explain import (
     complementary_weights,
+    dilate_mm,
     explain_case,
+    inside_fraction,
     list_pairs,
     parse_pairs,
     write_explanations,
@@ -192,7 +194,7 @@ def test_closed_form_oracle_linear_model(tmp_path):
     loaded = _loaded(model, config)
     case = load_case(discover_cases(_write_case(tmp_path))[0], loaded.modalities)
     roi = _roi_mask()
-    explanations = explain_case(loaded, case, target_mask=roi, device="cpu")
+    explanations = explain_case(loaded, case, target_mask=roi, device="cpu", extent="window")
     assert [(e.segmentor, e.region) for e in explanations] == list_pairs(config.decomposition)
 
     pre = preprocess_image(case.image, case.modalities)
@@ -243,7 +245,7 @@ def test_matches_monai_gradcam_on_the_same_layer_and_target(tmp_path):
     roi = _roi_mask()
     # Three pairs (9 maps) from three segmentors and all three regions keep the test short.
     explanations = explain_case(loaded, case, "T1:TC,T2:WT,T1CE:ET", target_mask=roi,
-                                device="cpu")
+                                device="cpu", extent="window")
     pre = preprocess_image(case.image, case.modalities)
     x = torch.from_numpy(pre.image)[None]
     mask = torch.from_numpy(roi[pre.box.slices]).float()[None]
@@ -427,3 +429,65 @@ def test_gradcam_window_works_under_inference_mode():
                                    num_messages=3)
     assert plain.shape == (1, 3, PATCH, PATCH, PATCH) and plain.max() > 0
     assert torch.equal(plain, inside)
+
+
+# ------------------------------------------------------------------------------ bound to the target
+
+
+def test_hirescam_oracle_and_target_bound_maps(tmp_path):
+    """HiResCAM on the linear model: heat_k[m] = ReLU(sum_c V[i,k,c,r] |T ∩ block(m)| A_k^c[m]).
+    With extent "target" the maps are the window maps times the dilated target, the weights come
+    from those, and inside_fraction is the share of the window map's heat in the dilated target."""
+    config = ModelConfig(width=2, patch_size=(PATCH,) * 3)
+    model = LinearCIML(config, seed=3)
+    loaded = _loaded(model, config)
+    case = load_case(discover_cases(_write_case(tmp_path))[0], loaded.modalities)
+    roi = _roi_mask()
+    window = explain_case(loaded, case, target_mask=roi, device="cpu", method="hirescam",
+                          extent="window")
+    bound = explain_case(loaded, case, target_mask=roi, device="cpu", method="hirescam",
+                         margin_mm=2.0)
+    pre = preprocess_image(case.image, case.modalities)
+    x = torch.from_numpy(pre.image)[None].double()
+    t = torch.from_numpy(roi[pre.box.slices]).double()
+    counts = F.avg_pool3d(t[None, None], 2)[0, 0] * 8  # |T ∩ block(m)| per low-res voxel
+    dilated = dilate_mm(roi, case.spacing, 2.0)
+    for w, b in zip(window, bound, strict=True):
+        assert (w.method, w.extent, b.extent, b.margin_mm) == ("hirescam", "window", "target", 2.0)
+        region = config.decomposition.tasks[w.segmentor].regions.index(w.region)
+        for k, (j, aux) in enumerate(zip(model.message_sources(w.segmentor), w.auxiliary,
+                                         strict=True)):
+            a = model.representation(x, j)[0]
+            v = model.V[w.segmentor, k, :, region].double()
+            expected = torch.relu((v.view(-1, 1, 1, 1) * a * counts).sum(0))
+            np.testing.assert_allclose(w.level_maps[aux], expected.numpy(), atol=1e-5, rtol=1e-6)
+            np.testing.assert_allclose(b.heatmaps[aux], w.heatmaps[aux] * dilated, atol=1e-7)
+            total = w.heatmaps[aux].sum(dtype=np.float64)
+            if total > 0:
+                assert b.inside_fraction[aux] == pytest.approx(
+                    w.heatmaps[aux][dilated].sum(dtype=np.float64) / total, rel=1e-6)
+        sums = {aux: float(b.heatmaps[aux].sum(dtype=np.float64)) for aux in b.auxiliary}
+        if sum(sums.values()) > 0:
+            for aux in b.auxiliary:
+                assert b.weights[aux] == pytest.approx(sums[aux] / sum(sums.values()), rel=1e-6)
+    with pytest.raises(ConfigError, match="method"):
+        explain_case(loaded, case, target_mask=roi, device="cpu", method="lime")
+    with pytest.raises(ConfigError, match="extent"):
+        explain_case(loaded, case, target_mask=roi, device="cpu", extent="everywhere")
+
+
+def test_dilate_mm_uses_the_voxel_spacing():
+    mask = np.zeros((9, 9, 9), bool)
+    mask[4, 4, 4] = True
+    grown = dilate_mm(mask, (1.0, 2.0, 4.0), 4.0)
+    # 4 mm reach 4 voxels along x, 2 along y, 1 along z; nothing diagonal beyond the sphere
+    assert grown[:, 4, 4].nonzero()[0].tolist() == list(range(0, 9))
+    assert grown[4, :, 4].nonzero()[0].tolist() == [2, 3, 4, 5, 6]
+    assert grown[4, 4, :].nonzero()[0].tolist() == [3, 4, 5]
+    assert not grown[8, 6, 4]  # sqrt(16 + 16) > 4 mm
+    assert np.array_equal(dilate_mm(mask, (1, 1, 1), 0.0), mask)
+    assert not dilate_mm(np.zeros((3, 3, 3), bool), (1, 1, 1), 5.0).any()
+    assert inside_fraction(np.zeros((2, 2)), np.ones((2, 2), bool)) != inside_fraction(
+        np.zeros((2, 2)), np.ones((2, 2), bool))  # nan: no heat
+    heat = np.array([[1.0, 3.0], [0.0, 0.0]])
+    assert inside_fraction(heat, np.array([[True, False], [False, False]])) == pytest.approx(0.25)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ciml_core.model import CIMLLoss, CIMLOutput, Task, TaskDecomposition
+from ciml_core.model.loss import term_weights
 
 EPS = 1e-5  # MONAI DiceLoss smoothing (numerator and denominator)
 
@@ -44,7 +45,7 @@ def test_loss_components_match_hand_computation():
         task_regions=(("WT",), ("WT", "TC")),
         kl=torch.tensor([0.2, 0.4]),
     )
-    total, parts = CIMLLoss(decomposition, beta=0.5)(output, targets)
+    total, parts = CIMLLoss(decomposition, beta=0.5, weighting="head")(output, targets)
 
     dice = _dice_loss(p0, wt) + (_dice_loss(p1_wt, wt) + _dice_loss(p1_tc, tc)) / 2
     bce = _bce(p0, wt) + (_bce(p1_wt, wt) + _bce(p1_tc, tc)) / 2
@@ -56,8 +57,31 @@ def test_loss_components_match_hand_computation():
     assert total.item() == pytest.approx(parts["total"], rel=1e-6)
     assert all(isinstance(v, float) for v in parts.values())
 
-    _, beta_zero = CIMLLoss(decomposition, beta=0.0)(output, targets)
+    _, beta_zero = CIMLLoss(decomposition, beta=0.0, weighting="head")(output, targets)
     assert beta_zero["total"] == pytest.approx(dice + bce, rel=1e-5)
+
+    # "region": WT is predicted by two heads (1/2 each), TC by one (1): each region weighs 1.
+    _, by_region = CIMLLoss(decomposition, beta=0.5, weighting="region")(output, targets)
+    dice_r = (_dice_loss(p0, wt) + _dice_loss(p1_wt, wt)) / 2 + _dice_loss(p1_tc, tc)
+    bce_r = (_bce(p0, wt) + _bce(p1_wt, wt)) / 2 + _bce(p1_tc, tc)
+    assert by_region["dice"] == pytest.approx(dice_r, rel=1e-5)
+    assert by_region["bce"] == pytest.approx(bce_r, rel=1e-5)
+    assert by_region["total"] == pytest.approx(dice_r + bce_r + 0.5 * 0.6, rel=1e-5)
+
+
+def test_effective_region_weights_of_the_brats_decomposition():
+    # "head" (the paper's per-segmentor sum) gives WT 1.5, TC 2.0, ET 0.5; "region" 1 each.
+    decomposition = TaskDecomposition.brats()
+    for weighting, expected in (("head", {"WT": 1.5, "TC": 2.0, "ET": 0.5}),
+                                ("region", {"WT": 1.0, "TC": 1.0, "ET": 1.0})):
+        totals = dict.fromkeys(decomposition.regions, 0.0)
+        for task, weights in zip(decomposition.tasks, term_weights(decomposition, weighting),
+                                 strict=True):
+            for region, w in zip(task.regions, weights, strict=True):
+                totals[region] += w
+        assert totals == pytest.approx(expected)
+    with pytest.raises(ValueError, match="region weighting must be one of"):
+        term_weights(decomposition, "voxel")
 
 
 def test_dice_pools_the_batch_so_empty_patches_are_not_a_full_loss():

@@ -18,7 +18,7 @@ from napari_ciml._layers import auto_map, layer_modality
 from napari_ciml._sample_data import glioma_sample, petct_sample
 from napari_ciml._writer import write_labels
 
-WIDGETS = ("Segment", "Explain", "Complementary weights", "Review")
+WIDGETS = ("Segment", "Explain", "Complementary weights", "Review", "Review session")
 #: A LAS-stored affine (first axis runs right->left, unlike RAS+): the writer must restore it.
 LAS_AFFINE = np.array([[-2.0, 0, 0, 95.0], [0, 2.0, 0, -95.0], [0, 0, 2.0, -63.0], [0, 0, 0, 1]])
 

@@ -4,38 +4,55 @@ A checkpoint is a folder::
 
     model.safetensors   the weights (safetensors: no pickle, nothing executes on load)
     config.json         network config, modalities, regions, label convention, normalisation,
-                        patch size, package version, training metadata and metrics, and the
-                        sha256 of model.safetensors
+                        patch size, package version, training metadata and metrics, the
+                        sha256 of model.safetensors and (format 2) ``config_sha256``, the sha256
+                        of the canonical JSON of everything else in config.json, so that an
+                        edited field (a label convention, swapped task primaries) is refused
+                        like edited weights
     training_state.pt   optional: optimiser, scheduler, epoch, RNG states (for --resume); tensors
                         only, read with ``torch.load(weights_only=True)``
 
 Folders are written next to the target and renamed into place, so a reader (or a killed run)
-never sees a half-written checkpoint. Loading checks the hash, the keys and every tensor shape
-and refuses an edited or mismatched file with :class:`~ciml_core.errors.CheckpointError`.
+never sees a half-written checkpoint. Loading checks both hashes, every field of config.json,
+and the names and shapes of the stored tensors against the network the config describes
+*before* building it (on PyTorch's meta device, which allocates nothing, so a config claiming a
+huge width cannot exhaust memory); an edited or mismatched checkpoint is refused with
+:class:`~ciml_core.errors.CheckpointError`. Format 1 checkpoints (no ``config_sha256``) still
+load, with their fields validated.
+
+The hashes detect edits and corruption; they are not a signature (anyone who can edit the file
+can recompute them). See docs/threat-model.md.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ciml_core import __version__
+from ciml_core import io as _io
 from ciml_core.errors import CheckpointError, ConfigError
 from ciml_core.model import ModelConfig, build_model
 
 FORMAT = "ciml-checkpoint"
-FORMAT_VERSION = 1
+#: 2: config.json carries ``config_sha256``; 1: without it (still read).
+FORMAT_VERSION = 2
+CONFIG_HASH_KEY = "config_sha256"
+#: Largest sliding-window patch a checkpoint may ask for (voxels): 256^3, far above any real one.
+MAX_PATCH_VOXELS = 256**3
+PET_METHODS = ("log", "zscore")
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TRAINING_STATE = "training_state.pt"
@@ -141,18 +158,30 @@ def _state_dict_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _replace_dir(tmp: Path, target: Path) -> None:
-    """Move the finished ``tmp`` folder to ``target``, replacing an older checkpoint there."""
-    # mkdtemp makes a private folder; a checkpoint is meant to be shared like any other output.
-    tmp.chmod(0o755)
-    for f in tmp.iterdir():
-        f.chmod(0o644)
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    """Move the finished ``tmp`` folder to ``target``, replacing an older checkpoint there
+    (:func:`ciml_core.io.replace_dir`: modes 0755/0644, never a half-replaced folder)."""
+    _io.replace_dir(tmp, target)
+
+
+def config_digest(document: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON (sorted keys, no spaces) of ``document`` without its
+    ``config_sha256`` field: what format 2 stores in that field."""
+    body = {k: v for k, v in document.items() if k != CONFIG_HASH_KEY}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def seal_config(document: dict[str, Any]) -> dict[str, Any]:
+    """``document`` as a current-format config.json: ``format_version`` set to
+    :data:`FORMAT_VERSION` and ``config_sha256`` to :func:`config_digest` of the rest."""
+    sealed = {k: v for k, v in document.items() if k != CONFIG_HASH_KEY}
+    sealed["format_version"] = FORMAT_VERSION
+    sealed[CONFIG_HASH_KEY] = config_digest(sealed)
+    return sealed
+
+
+def _config_text(document: dict[str, Any]) -> str:
+    return json.dumps(seal_config(document), indent=2) + "\n"
 
 
 def save_checkpoint(
@@ -165,8 +194,7 @@ def save_checkpoint(
 ) -> Path:
     """Write a checkpoint folder atomically (replacing an existing one at ``path``)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = _io.make_temp_dir(path)
     try:
         save_file(_state_dict_for_saving(model), str(tmp / WEIGHTS))
         document = {
@@ -183,7 +211,7 @@ def save_checkpoint(
             "metrics": info.metrics,
             "weights_sha256": sha256_file(tmp / WEIGHTS),
         }
-        (tmp / CONFIG).write_text(json.dumps(document, indent=2, sort_keys=False) + "\n")
+        (tmp / CONFIG).write_text(_config_text(document))
         if training_state is not None:
             torch.save(training_state, tmp / TRAINING_STATE)
         _replace_dir(tmp, path)
@@ -201,7 +229,7 @@ def read_checkpoint_config(path: str | os.PathLike, *, verify_hash: bool = True)
         if not required.is_file():
             raise CheckpointError(f"{folder}: {required.name} is missing")
     try:
-        document = json.loads(config_path.read_text())
+        document = json.loads(config_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{config_path}: not valid JSON ({err})") from err
     if not isinstance(document, dict):
@@ -209,19 +237,152 @@ def read_checkpoint_config(path: str | os.PathLike, *, verify_hash: bool = True)
     missing = [k for k in REQUIRED_KEYS if k not in document]
     if missing:
         raise CheckpointError(f"{config_path}: missing key(s) {missing}")
-    if document["format"] != FORMAT or document["format_version"] > FORMAT_VERSION:
+    version = document["format_version"]
+    if document["format"] != FORMAT or not _is_int(version) or not 1 <= version <= FORMAT_VERSION:
         raise CheckpointError(
-            f"{config_path}: format {document['format']!r} v{document['format_version']} is not "
-            f"a {FORMAT} v{FORMAT_VERSION} checkpoint"
+            f"{config_path}: format {document['format']!r} version {version!r} is not a {FORMAT} "
+            f"checkpoint of version 1..{FORMAT_VERSION} (an integer)"
         )
+    if version >= 2:
+        stored = document.get(CONFIG_HASH_KEY)
+        if not isinstance(stored, str):
+            raise CheckpointError(f"{config_path}: missing key(s) ['{CONFIG_HASH_KEY}'] (format "
+                                  f"version {version} stores the hash of its fields)")
+        actual = config_digest(document)
+        if actual != stored:
+            raise CheckpointError(
+                f"{config_path}: {CONFIG_HASH_KEY} {stored[:12]}... does not match its content "
+                f"({actual[:12]}...); config.json was edited after saving (a changed label "
+                "convention, task or region would write wrong labels)"
+            )
     if verify_hash:
+        if not isinstance(document["weights_sha256"], str):
+            raise CheckpointError(f"{config_path}: 'weights_sha256' must be a hex string, got "
+                                  f"{document['weights_sha256']!r}")
         actual = sha256_file(weights_path)
         if actual != document["weights_sha256"]:
             raise CheckpointError(
                 f"{weights_path}: sha256 {actual[:12]}... does not match config.json "
                 f"({str(document['weights_sha256'])[:12]}...); the weights were changed after saving"
             )
+    _check_fields(document, config_path)
     return document
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_fields(document: dict[str, Any], config_path: Path) -> None:
+    """Every field a loader reads has the type and values it needs (errors name the field)."""
+    from ciml_core.data.labels import LABEL_CONVENTIONS
+
+    def bad(field_name: str, expected: str) -> CheckpointError:
+        return CheckpointError(f"{config_path}: field {field_name!r} = "
+                               f"{json.dumps(document.get(field_name))[:80]}; expected {expected}")
+
+    if not isinstance(document["model"], dict):
+        raise bad("model", "an object (the network config)")
+    convention = document["label_convention"]
+    if not isinstance(convention, str) or convention not in LABEL_CONVENTIONS:
+        raise bad("label_convention", f"one of {sorted(LABEL_CONVENTIONS)}")
+    normalisation = document.get("normalisation", {"pet_method": "log"})
+    if not isinstance(normalisation, dict):
+        raise bad("normalisation", "an object such as {\"pet_method\": \"log\"}")
+    if normalisation.get("pet_method", "log") not in PET_METHODS:
+        raise CheckpointError(f"{config_path}: field 'normalisation.pet_method' = "
+                              f"{normalisation.get('pet_method')!r}; expected one of "
+                              f"{list(PET_METHODS)}")
+    for name in ("training", "metrics"):
+        if not isinstance(document.get(name, {}), dict):
+            raise bad(name, "an object")
+    for name in ("modalities", "regions", "patch_size"):
+        value = document.get(name)
+        if value is not None and not isinstance(value, list):
+            raise bad(name, "a list")
+
+
+def _check_model(document: dict[str, Any], config: ModelConfig, folder: Path) -> None:
+    """The config's summary fields agree with its network section, the label convention's
+    regions are the model's, and the patch is of a plausible size."""
+    from ciml_core.data.labels import get_convention
+
+    config_path = folder / CONFIG
+    if math.prod(config.patch_size) > MAX_PATCH_VOXELS:
+        raise CheckpointError(f"{config_path}: field 'model.patch_size' = "
+                              f"{list(config.patch_size)} is larger than any supported window "
+                              f"(at most {MAX_PATCH_VOXELS:,} voxels)")
+    summary = {"modalities": list(config.decomposition.modalities),
+               "regions": list(config.decomposition.regions),
+               "patch_size": list(config.patch_size)}
+    for name, expected in summary.items():
+        if name in document and document[name] != expected:
+            raise CheckpointError(f"{config_path}: field {name!r} = {document[name]} disagrees "
+                                  f"with the network section ('model': {expected})")
+    regions = get_convention(document["label_convention"]).region_names
+    if config.variant != "shapecomposition" and not set(regions) <= set(summary["regions"]):
+        raise CheckpointError(
+            f"{config_path}: field 'label_convention' = {document['label_convention']!r} needs "
+            f"regions {list(regions)}, the model predicts {summary['regions']}")
+
+
+class _NoInitOnMeta(TorchFunctionMode):
+    """Skip the random initialisation of meta tensors (it computes nothing there, and on the meta
+    device it runs through slow Python decompositions): halves the cost of the meta build."""
+
+    _INIT = {torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.fill_, torch.Tensor.zero_}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self._INIT and args and isinstance(args[0], torch.Tensor) and args[0].is_meta:
+            return args[0]
+        return func(*args, **(kwargs or {}))
+
+
+def _build_checked(config: ModelConfig, weights_path: Path) -> nn.Module:
+    """The network of ``config``, after checking that ``weights_path`` fits it.
+
+    The network is first built on the meta device (shapes only, no memory) and compared with the
+    stored tensors' names and shapes (read from the safetensors header, no data): a config
+    claiming a huge width is refused before anything is allocated. Then it gets real, empty
+    storage (every tensor is about to be overwritten by the weights, so the random
+    initialisation is skipped), unless some state lives outside ``state_dict`` (a non-persistent
+    buffer), in which case it is built normally.
+    """
+    with torch.device("meta"), _NoInitOnMeta():
+        meta = build_model(config)
+    _check_weights_fit(meta, config, weights_path)
+    stored = {id(t) for t in meta.state_dict(keep_vars=True).values()}
+    every = [*meta.parameters(), *meta.buffers()]
+    if all(id(t) in stored for t in every):
+        return meta.to_empty(device="cpu")
+    return build_model(config)
+
+
+def _check_weights_fit(meta: nn.Module, config: ModelConfig, weights_path: Path) -> None:
+    """Raise CheckpointError unless the tensors in ``weights_path`` are exactly those of
+    ``meta`` (the network on the meta device): names, shapes and total size."""
+    expected = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
+    needed = sum(t.numel() for t in {id(t): t for t in
+                                     meta.state_dict(keep_vars=True).values()}.values())
+    try:
+        with safe_open(str(weights_path), framework="pt") as fh:
+            stored = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{weights_path}: unreadable safetensors file ({err})") from err
+    held = sum(math.prod(s) for s in stored.values())
+    unexpected = sorted(set(stored) - set(expected))
+    wrong = sorted(k for k in stored if k in expected and stored[k] != expected[k])
+    details = []
+    if unexpected:
+        details.append(f"unexpected tensors {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
+    for k in wrong[:3]:
+        details.append(f"{k} has shape {stored[k]}, the config needs {expected[k]}")
+    if not details and needed != held:
+        details.append(f"the config describes a network of {needed:,} values (width "
+                       f"{config.width}), the file holds {held:,}")
+    if details:
+        raise CheckpointError(f"{weights_path} does not match its config.json: "
+                              + "; ".join(details))
 
 
 def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> LoadedModel:
@@ -230,9 +391,10 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cp
     document = read_checkpoint_config(folder)
     try:
         config = ModelConfig.from_dict(document["model"])
-    except (ConfigError, TypeError) as err:
+    except (ConfigError, TypeError, ValueError) as err:
         raise CheckpointError(f"{folder / CONFIG}: invalid 'model' section ({err})") from err
-    model = build_model(config)
+    _check_model(document, config, folder)
+    model = _build_checked(config, folder / WEIGHTS)  # checked before anything is allocated
     try:
         weights = load_file(str(folder / WEIGHTS))
     except (SafetensorError, OSError) as err:
@@ -261,13 +423,12 @@ def export_checkpoint(
     if half:
         weights = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
     dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    tmp = _io.make_temp_dir(dst)
     try:
         save_file(weights, str(tmp / WEIGHTS))
         document = {**document, "weights_dtype": "float16" if half else "float32",
                     "weights_sha256": sha256_file(tmp / WEIGHTS)}
-        (tmp / CONFIG).write_text(json.dumps(document, indent=2) + "\n")
+        (tmp / CONFIG).write_text(_config_text(document))
         _replace_dir(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -9,6 +9,7 @@ and exit with status 2; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -18,10 +19,105 @@ from pathlib import Path
 from ciml_core import __version__
 from ciml_core.errors import CimlError
 
+# -- option values, validated where they enter (argparse types) -----------------------------------
+
+
+def _int_at_least(low: int, what: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        return value
+
+    parse.__name__ = what  # argparse names the type in "invalid ... value" messages
+    return parse
+
+
+positive_int = _int_at_least(1, "a positive integer")
+nonnegative_int = _int_at_least(0, "an integer >= 0")
+
+
+def _float_in(low: float, high: float | None, what: str, *, low_open: bool = False,
+              high_open: bool = True):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        ok = value == value and value not in (float("inf"), float("-inf"))
+        ok = ok and (value > low if low_open else value >= low)
+        if high is not None:
+            ok = ok and (value < high if high_open else value <= high)
+        if not ok:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+        return value
+
+    parse.__name__ = what
+    return parse
+
+
+positive_float = _float_in(0.0, None, "a finite number > 0", low_open=True)
+nonnegative_float = _float_in(0.0, None, "a finite number >= 0")
+overlap_fraction = _float_in(0.0, 1.0, "a fraction in [0, 1)")
+
+
+def patch_size(text: str) -> int:
+    """A positive multiple of 16 (the encoder halves the resolution four times)."""
+    value = positive_int(text)
+    if value % 16:
+        raise argparse.ArgumentTypeError(f"expected a positive multiple of 16, got {value}")
+    return value
+
+
+def _fold(text: str) -> int:
+    value = _int_at_least(-1, "a fold 0-4, or -1 for all data")(text)
+    if value > 4:
+        raise argparse.ArgumentTypeError(f"expected a fold 0-4, or -1 for all data, got {value}")
+    return value
+
+
+#: Largest phantom side accepted by --shape (1024^3 voxels x 5 volumes is already ~20 GB).
+_MAX_PHANTOM_SIDE = 1024
+
+
+def _phantom_side(text: str) -> int:
+    value = positive_int(text)
+    if value > _MAX_PHANTOM_SIDE:
+        raise argparse.ArgumentTypeError(f"expected at most {_MAX_PHANTOM_SIDE} voxels per axis, "
+                                         f"got {value}")
+    return value
+
+
+class _OptionError(CimlError):
+    """A bad command line (unknown option, a value of the wrong kind or out of range)."""
+
+    def __init__(self, prog: str, message: str) -> None:
+        super().__init__(message)
+        self.prog = prog
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors reach :func:`main` (one line, exit 2, like every other error of the
+    command line, also when called in-process) instead of printing the usage and exiting;
+    ``--help`` still shows the usage."""
+
+    def error(self, message: str):
+        raise _OptionError(self.prog, message)
+
+
+def _one_line(message: str) -> str:
+    """A message as one line: control characters (a newline in a file name) are escaped."""
+    return re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], message)
+
 
 def _cmd_phantom(args: argparse.Namespace) -> int:
     from ciml_core.data.phantoms import write_phantom_dataset
+    from ciml_core.io import check_output_dir
 
+    check_output_dir(args.out)
     written = write_phantom_dataset(
         kind=args.kind,
         cases=args.cases,
@@ -51,19 +147,15 @@ def _read_decomposition(path: str | None) -> dict | None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from ciml_core.train import TrainConfig, train
+    from ciml_core.io import check_output_dir
+    from ciml_core.train import TrainConfig, resume_config, train
 
+    check_output_dir(args.out)
     if args.data is None and not args.demo and not args.resume:
         print("no DATA given: training on freshly generated phantoms (--demo)", file=sys.stderr)
-    cfg = TrainConfig(
-        out=Path(args.out), data=Path(args.data) if args.data else None, layout=args.layout,
-        labels=args.labels, fold=args.fold, epochs=args.epochs,
-        iters_per_epoch=args.iters_per_epoch, patch=args.patch, batch=args.batch,
-        width=args.width, variant=args.variant, beta=args.beta, norm=args.norm, lr=args.lr,
-        device=args.device, seed=args.seed, val_every=args.val_every, workers=args.workers,
-        augment=not args.no_augment, compile=args.compile, demo_cases=args.demo_cases,
-        resume=args.resume, decomposition=_read_decomposition(args.decomposition),
-    )
+    settings = _train_settings(args)
+    cfg = (resume_config(Path(args.out), **settings) if args.resume
+           else TrainConfig(out=Path(args.out), **settings))
     run = train(cfg).run_dir
     print(f"run folder: {run} (best model: {run / 'best'}, latest: {run / 'latest'})")
     return 0
@@ -78,26 +170,94 @@ def _output_inside_inputs(out: Path, inputs: list[Path]) -> Path | None:
     return None
 
 
-def _cases_for_prediction(inputs: list[str], modalities: tuple[str, ...], case_id: str | None):
-    """INPUT... -> CaseFiles: case folders / dataset roots / manifests, or one case given as
-    files (``MOD=PATH`` pairs, or bare paths in the model's modality order)."""
-    from ciml_core.data.layouts import CaseFiles, canonical_modality, discover_cases
+def _case_paths(cases) -> list[Path]:
+    """Every file (images and labels) of discovered cases."""
+    return [p for c in cases for p in (*c.images.values(), *([c.label] if c.label else []))]
+
+
+def _refuse_output_inside_inputs(out: Path, inputs: list[Path], allow: bool, flag: bool) -> None:
+    """``--out`` may not be (inside) a folder an input was read from: the next run would take the
+    outputs for inputs. ``flag``: whether the command has ``--allow-input-dir``."""
+    inside = _output_inside_inputs(out, inputs)
+    if inside is not None and not allow:
+        hint = " or pass --allow-input-dir" if flag else ""
+        raise CimlError(f"--out {out} is inside the input folder {inside}; choose another "
+                        f"folder{hint}")
+
+
+def _split_input(item: str) -> tuple[str | None, Path]:
+    """``MOD=PATH`` -> (canonical modality, path); a plain path -> (None, path). A path that
+    holds '=' itself (``/data/run=1/x.nii.gz``) is a plain path when MOD is no modality name."""
+    from ciml_core.data.layouts import MODALITY_ALIASES, canonical_modality
+
+    key, sep, value = item.partition("=")
+    if sep and key.strip().lower() in MODALITY_ALIASES:
+        return canonical_modality(key), Path(value)
+    if sep and not Path(item).exists():
+        raise CimlError(f"{item}: {key!r} is not a modality name (expected MOD=PATH with MOD one "
+                        f"of {sorted(MODALITY_ALIASES)}) and no such file exists")
+    return None, Path(item)
+
+
+def _case_from_files(inputs: list[str], modalities: tuple[str, ...], case_id: str | None):
+    """One case given as its image files: ``MOD=PATH`` pairs, or paths whose names say the
+    modality (``*_flair``, ``*_t1``, ``*_t1ce``, ``*_t2``, BraTS 2023 ``*-t2f``, ``*-t1n``,
+    ``*-t1c``, ``*-t2w``, ...), in any order. Names that say no modality, or two files for one
+    modality, are refused: assigning files by position silently swaps modalities."""
+    from ciml_core.data.layouts import CaseFiles, check_case_id, modality_from_filename
+
+    images: dict[str, Path] = {}
+    prefixes: dict[str, Path] = {}
+    for item in inputs:
+        modality, path = _split_input(item)
+        if modality is None:
+            found = modality_from_filename(path)
+            if found is None:
+                raise CimlError(
+                    f"{path}: cannot tell the modality from the file name (expected a name "
+                    "ending in _flair, _t1, _t1ce, _t2 or -t2f, -t1n, -t1c, -t2w); pass the files "
+                    f"as MOD=PATH ({', '.join(f'{m}=...' for m in modalities)})")
+            modality, prefix = found
+            also = modality_from_filename(prefix + ".nii") if prefix else None
+            if also is not None and also[0] != modality:
+                raise CimlError(
+                    f"{path}: the file name is ambiguous (it names both {also[0]} and "
+                    f"{modality}); pass the files as MOD=PATH")
+            prefixes.setdefault(prefix, path)
+        if modality in images:
+            raise CimlError(f"{images[modality]} and {path} are both {modality} images; give "
+                            "one file per modality")
+        if modality not in modalities:
+            raise CimlError(f"{path} is a {modality} image, but the model takes "
+                            f"{', '.join(modalities)}")
+        images[modality] = path
+    if len(prefixes) > 1:
+        (a, pa), (b, pb) = list(prefixes.items())[:2]
+        raise CimlError(f"{pa.name} and {pb.name} belong to two cases ({a!r} and {b!r}); give "
+                        "the files of one case")
+    if case_id is None:
+        first = next(iter(images.values()))
+        prefix = next(iter(prefixes), "")
+        case_id = prefix.rstrip("_-. ") or first.resolve().parent.name
+        check_case_id(case_id, f"{first} (case id from the file name; pass --case-id)")
+    return CaseFiles(case_id, {m: images[m] for m in modalities if m in images}, None, "files")
+
+
+def _inputs_are_files(inputs: list[str]) -> bool:
+    """True when INPUT... is the image files of one case (``MOD=PATH`` pairs or NIfTI paths)."""
     from ciml_core.data.nifti import is_nifti_path
 
-    if all("=" in i or is_nifti_path(i) for i in inputs):
-        if all("=" in i for i in inputs):
-            images = {canonical_modality(k): Path(v) for k, v in (i.split("=", 1) for i in inputs)}
-        elif len(inputs) == len(modalities):
-            images = dict(zip(modalities, map(Path, inputs), strict=True))
-        else:
-            raise CimlError(
-                f"{len(inputs)} image file(s) given, the model needs {len(modalities)} "
-                f"({', '.join(modalities)}): pass them in that order or as MOD=PATH")
-        name = case_id or re.sub(r"(_[^_]+)?\.nii(\.gz)?$", "", next(iter(images.values())).name)
-        return [CaseFiles(name, images, None, "files")]
+    return all(is_nifti_path(i) or _split_input(i)[0] is not None for i in inputs)
+
+
+def _discover_inputs(inputs: list[str]):
+    """Case folders / dataset roots / manifests -> CaseFiles, case ids unique over them all."""
+    from ciml_core.data.layouts import check_unique_case_ids, discover_cases
+
     cases = []
     for i in inputs:
         cases.extend(discover_cases(i))
+    check_unique_case_ids(cases, " + ".join(inputs))
     return cases
 
 
@@ -106,24 +266,41 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     from ciml_core.checkpoint import load_checkpoint
     from ciml_core.data.dataset import load_case
+    from ciml_core.data.layouts import check_case_id
     from ciml_core.distributed import cleanup, setup_distributed, shard
-    from ciml_core.infer import predict_case, write_prediction
+    from ciml_core.infer import input_warnings, predict_case, write_prediction
+    from ciml_core.io import check_output_dir, output_path, refuse_existing
 
-    out = Path(args.out)
-    inside = _output_inside_inputs(out, [Path(i.split("=", 1)[-1]) for i in args.inputs])
-    if inside is not None and not args.allow_input_dir:
-        raise CimlError(f"--out {out} is inside the input folder {inside}; choose another folder "
-                        "or pass --allow-input-dir")
+    out = check_output_dir(args.out)
+    if args.case_id is not None:
+        check_case_id(args.case_id, "--case-id")
+    _refuse_output_inside_inputs(out, [_split_input(i)[1] for i in args.inputs],
+                                 args.allow_input_dir, flag=True)
+    # Datasets are read before the model is loaded: a bad folder or manifest fails at once.
+    cases = None if _inputs_are_files(args.inputs) else _discover_inputs(args.inputs)
     ctx = setup_distributed(args.device)
     try:
         loaded = load_checkpoint(args.model, device="cpu")
-        cases = shard(_cases_for_prediction(args.inputs, loaded.modalities, args.case_id), ctx)
+        if cases is None:
+            cases = [_case_from_files(args.inputs, loaded.modalities, args.case_id)]
+        # A manifest may point anywhere: no output into the folder of any input file either.
+        _refuse_output_inside_inputs(out, _case_paths(cases), args.allow_input_dir, flag=True)
+        inputs = {p.resolve() for p in _case_paths(cases)}
+        cases = shard(cases, ctx)
         written = []
         for case_files in tqdm(cases, desc="cases", unit="case", disable=(not ctx.is_main) or None):
-            target = out / f"{case_files.case_id}.nii.gz"
-            if target.exists() and not args.overwrite:
-                raise FileExistsError(f"{target} already exists (use --overwrite to replace it)")
+            cid = case_files.case_id
+            names = [f"{cid}.nii.gz", *(f"{cid}_prob_{r}.nii.gz" for r in loaded.regions
+                                        if args.probabilities)]
+            targets = [output_path(out, name) for name in names]
+            for target in targets:
+                if target.resolve() in inputs:  # even with --overwrite --allow-input-dir
+                    raise CimlError(f"{target} is an input file of this run; the outputs of case "
+                                    f"{cid} would replace it")
+            refuse_existing(targets, args.overwrite)
             case = load_case(case_files, loaded.modalities)
+            for warning in input_warnings(case, loaded):
+                print(f"ciml-core predict: warning: {warning}", file=sys.stderr)
             bar = tqdm(desc=f"{case_files.case_id} windows", unit="win", leave=False)
 
             def tick(done: int, total: int, bar=bar) -> None:
@@ -144,7 +321,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from ciml_core.evaluate import evaluate_folders
+    from ciml_core.io import check_output_dir
 
+    if args.out is not None:
+        if Path(args.out).is_dir():
+            raise CimlError(f"--out {args.out}: is a folder; expected the report's CSV path "
+                            "(e.g. report.csv)")
+        check_output_dir(Path(args.out).parent, what=f"--out {args.out}: folder")
     report = evaluate_folders(Path(args.pred_dir), Path(args.ref_dir), labels=args.labels,
                               out=Path(args.out) if args.out else None, overwrite=args.overwrite,
                               allow_missing=args.allow_missing)
@@ -193,21 +376,26 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     from ciml_core.data.layouts import discover_cases
     from ciml_core.explain import explain_case, parse_pairs, planned_paths, write_explanations
     from ciml_core.figures import heatmap_grid_figure, save_figure, weights_chart_figure
+    from ciml_core.infer import input_warnings
+    from ciml_core.io import check_output_dir, output_path, refuse_existing
 
+    out = check_output_dir(args.out)
+    # Heatmaps in an input folder would be taken for a modality by the next run (as predict).
+    _refuse_output_inside_inputs(out, [Path(args.case)], allow=False, flag=False)
     loaded = load_checkpoint(args.model, device="cpu")
     pairs = parse_pairs(args.pairs, loaded.config.decomposition)
     cases = discover_cases(args.case)
     if len(cases) != 1:
         raise CimlError(f"{args.case} holds {len(cases)} cases; explain takes one case folder")
+    _refuse_output_inside_inputs(out, _case_paths(cases), allow=False, flag=False)
     case = load_case(cases[0], loaded.modalities)
-    out = Path(args.out)
-    grid_png = out / f"{case.case_id}_gradcam.png"
-    chart_png = out / f"{case.case_id}_weights.png"
-    # Refuse before the (slow) Grad-CAM, not after it.
-    existing = [p for p in [*planned_paths(loaded, case.case_id, pairs, out), grid_png, chart_png]
-                if p.exists()]
-    if existing and not args.overwrite:
-        raise FileExistsError(f"{existing[0]} already exists (use --overwrite to replace it)")
+    for warning in input_warnings(case, loaded):
+        print(f"ciml-core explain: warning: {warning}", file=sys.stderr)
+    grid_png = output_path(out, f"{case.case_id}_gradcam.png")
+    chart_png = output_path(out, f"{case.case_id}_weights.png")
+    # Refuse before the (slow) Grad-CAM, not after it (each write refuses atomically too).
+    refuse_existing([*planned_paths(loaded, case.case_id, pairs, out), grid_png, chart_png],
+                    args.overwrite)
     with tqdm(desc=f"{case.case_id} Grad-CAM", unit="pass") as bar:
 
         def tick(done: int, total: int) -> None:
@@ -215,7 +403,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
             bar.update(done - bar.n)
 
         explanations = explain_case(loaded, case, pairs, mode=args.mode, device=args.device,
-                                    progress=tick)
+                                    progress=tick, method=args.method, extent=args.extent,
+                                    margin_mm=args.margin)
     written = write_explanations(explanations, case, out, overwrite=args.overwrite)
     reference = None
     if case.label is not None:
@@ -228,8 +417,15 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         explanations, title=f"{case.case_id}: complementary information weights"),
         chart_png, overwrite=args.overwrite))
     for e in explanations:
-        shares = ", ".join(f"{aux.upper()} {e.weights[aux]:.2f}" for aux in e.auxiliary)
-        print(f"{e.name:>10}  {shares}  ({e.target_voxels} target voxels)")
+        shares = ", ".join(f"{aux.upper()} {e.weights[aux]:.2f} (inside "
+                           f"{e.inside_fraction.get(aux, float('nan')):.2f})" for aux in e.auxiliary)
+        empty = "  NO TARGET: weights are the uniform default" if e.target_voxels == 0 else ""
+        print(f"{e.name:>10}  {shares}  ({e.target_voxels} target voxels){empty}")
+        if e.target_voxels == 0:
+            print(f"ciml-core explain: warning: case {case.case_id}, pair {e.name}: the model "
+                  f"predicts no {e.region} voxel, so there is nothing to explain; its weights "
+                  f"({', '.join(f'{w:.2f}' for w in e.weights.values())}) are the equal-share "
+                  "default, not a measurement", file=sys.stderr)
     print(f"wrote {len(written)} file(s) to {out}")
     return 0
 
@@ -247,10 +443,10 @@ def _cmd_shapes(args: argparse.Namespace) -> int:
     cfg = ShapesConfig(steps=args.steps, beta=args.beta, seed=args.seed, size=args.size,
                        width=args.width, train_pairs=args.train_pairs,
                        eval_pairs=args.eval_pairs, device=args.device)
-    out = Path(args.out)
-    existing = [p for p in shapes_output_paths(out) if p.exists()]
-    if existing and not args.overwrite:
-        raise FileExistsError(f"{existing[0]} already exists (use --overwrite to replace it)")
+    from ciml_core.io import check_output_dir, refuse_existing
+
+    out = check_output_dir(args.out)
+    refuse_existing(shapes_output_paths(out), args.overwrite)
     with tqdm(total=cfg.steps, desc=f"ShapeComposition beta={cfg.beta:g}", unit="step") as bar:
 
         def tick(step: int, steps: int, loss: float) -> None:
@@ -267,8 +463,80 @@ def _cmd_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_review_summary(args: argparse.Namespace) -> int:
+    from ciml_core.review.summary import write_summary
+
+    written = write_summary(args.sessions, args.out, overwrite=args.overwrite)
+    print(f"wrote {', '.join(str(p) for p in written)}")
+    return 0
+
+
+def _cmd_review_export(args: argparse.Namespace) -> int:
+    from ciml_core.review.export import review_export
+
+    result = review_export(args.session, args.out, link=args.link)
+    print(f"exported {len(result.cases)} accepted/corrected case(s) as a {result.layout} dataset "
+          f"({result.label_convention} labels, images: {result.link}): {result.dataset}")
+    return 0
+
+
+def _add_training_additions(p: argparse.ArgumentParser) -> None:
+    """The training additions against the ET collapse (docs/method.md)."""
+    from ciml_core.model.loss import REGION_WEIGHTINGS
+
+    g = p.add_argument_group("training additions (docs/method.md)")
+    g.add_argument("--region-weighting", choices=REGION_WEIGHTINGS,
+                   help="loss weights: each region weighs 1 ('region') or each head ('head')")
+    g.add_argument("--message-dropout", type=overlap_fraction,
+                   help="probability of zeroing a sample's messages per segmentor in training")
+    g.add_argument("--warmup-epochs", type=nonnegative_int, help="linear learning-rate warm-up epochs")
+    g.add_argument("--beta-ramp-epochs", type=nonnegative_int, help="epochs over which beta grows from 0")
+    g.add_argument("--et-oversampling", type=positive_float, metavar="W",
+                   help="weight of ET against 1 for every other region among the foreground "
+                   "patch centres (1 = uniform)")
+    g.add_argument("--region-sampling", type=nonnegative_float, nargs="+", metavar="W",
+                   help="explicit weight per region (model order, e.g. WT TC ET) of the "
+                   "foreground patch centres; overrides --et-oversampling")
+    g.add_argument("--bn-recalibration", type=nonnegative_int, metavar="BATCHES",
+                   help="recompute batch-norm statistics with z = mu on this many batches before "
+                   "validating and saving (0 = off)")
+
+
+def _defaults_from_train_config(p: argparse.ArgumentParser) -> None:
+    """Take the train options' defaults from ``TrainConfig`` (one source of truth): the parser's
+    default becomes None, meaning "not given", which is what ``--resume`` needs to tell a
+    setting the user asked for from one left alone; the help text shows TrainConfig's value."""
+    from ciml_core.train import TrainConfig
+
+    fields = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    for action in p._actions:
+        if action.dest in fields and action.dest not in ("out", "data", "resume") and \
+                action.nargs != 0:  # store_true flags stay False
+            default = fields[action.dest]
+            action.default = None
+            if action.help and default is not None and "default" not in action.help:
+                action.help += f" (default {default})"
+
+
+def _train_settings(args: argparse.Namespace) -> dict:
+    """The TrainConfig fields the command line gave (None and unset flags left out)."""
+    from ciml_core.train import TrainConfig
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)} - {"out", "data", "resume",
+                                                                  "decomposition", "augment"}
+    given = {k: getattr(args, k) for k in names
+             if getattr(args, k, None) is not None and getattr(args, k) is not False}
+    if args.data:
+        given["data"] = Path(args.data)
+    if args.decomposition:
+        given["decomposition"] = _read_decomposition(args.decomposition)
+    if args.no_augment:
+        given["augment"] = False
+    return given
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ciml-core",
         description="Train, evaluate and run CIML multimodal segmentation models.",
     )
@@ -285,11 +553,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(CTres, SUV, SEG).",
     )
     p.add_argument("--kind", choices=["brats", "shapes", "petct"], required=True)
-    p.add_argument("--cases", type=int, default=1, help="number of cases (default 1)")
+    p.add_argument("--cases", type=positive_int, default=1, help="number of cases (default 1)")
     p.add_argument("--out", required=True, help="output folder (created if missing)")
-    p.add_argument("--seed", type=int, default=0, help="random seed; case i uses seed+i")
+    p.add_argument("--seed", type=nonnegative_int, default=0,
+                   help="random seed; case i uses seed+i")
     p.add_argument(
-        "--shape", type=int, nargs=3, metavar=("X", "Y", "Z"),
+        "--shape", type=_phantom_side, nargs=3, metavar=("X", "Y", "Z"),
         help="volume shape in voxels (brats default 96 96 64 at 2 mm; 240 240 155 is the BraTS grid)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace cases that already exist")
@@ -304,39 +573,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", nargs="?", help="dataset root, case folder or manifest (omit for --demo)")
     p.add_argument("--out", required=True, help="run folder (checkpoints, logs, splits)")
     p.add_argument("--demo", action="store_true", help="train on generated BraTS-like phantoms")
-    p.add_argument("--demo-cases", type=int, default=16, help="phantom cases for --demo (default 16)")
+    p.add_argument("--demo-cases", type=positive_int, default=16, help="phantom cases for --demo (default 16)")
     p.add_argument("--layout", default="auto",
                    choices=["auto", "brats2020", "brats2023", "nnunet", "autopet", "hecktor",
                             "manifest"])
     p.add_argument("--labels", choices=["brats2020", "brats2023", "binary", "hecktor"],
                    help="label convention (default: the layout's)")
-    p.add_argument("--fold", type=int, default=0, help="cross-validation fold 0-4, -1 = all data")
-    p.add_argument("--epochs", type=int, default=50)
-    p.add_argument("--iters-per-epoch", type=int, default=100)
-    p.add_argument("--patch", type=int, default=64, help="cubic patch size, multiple of 16")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--width", type=int, default=16, help="base number of filters C")
+    p.add_argument("--fold", type=_fold, default=0, help="cross-validation fold 0-4, -1 = all data")
+    p.add_argument("--epochs", type=positive_int, default=50)
+    p.add_argument("--iters-per-epoch", type=positive_int, default=100)
+    p.add_argument("--patch", type=patch_size, default=64, help="cubic patch size, multiple of 16")
+    p.add_argument("--batch", type=positive_int, default=2)
+    p.add_argument("--width", type=positive_int, default=16, help="base number of filters C")
     p.add_argument("--variant", default="full",
                    choices=["full", "baseline", "message", "attention", "vi", "dynunet"])
-    p.add_argument("--beta", type=float, default=0.5, help="KL weight (default 0.5)")
+    p.add_argument("--beta", type=nonnegative_float, default=0.5, help="KL weight (default 0.5)")
     p.add_argument("--decomposition", metavar="JSON",
                    help="task decomposition file {modalities, regions, tasks: [{primary, regions}]} "
                    "(default: the paper's for the dataset's modalities; docs/training.md)")
     p.add_argument("--norm", default="batch", choices=["batch", "instance"])
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=positive_float, default=1e-4)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--val-every", type=int, default=5, help="validate every N epochs")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    p.add_argument("--init", metavar="CHECKPOINT",
+                   help="fine-tune: start from this checkpoint's weights ('demo' or a folder; "
+                   "same decomposition, width, variant and norm required), e.g. on a dataset "
+                   "written by `ciml-core review-export`")
+    p.add_argument("--seed", type=nonnegative_int, default=0)
+    p.add_argument("--val-every", type=positive_int, default=5, help="validate every N epochs")
+    p.add_argument("--workers", type=nonnegative_int, default=2, help="DataLoader worker processes")
     p.add_argument("--no-augment", action="store_true", help="turn the augmentations off")
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
+    _add_training_additions(p)
+    _defaults_from_train_config(p)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser(
         "predict", help="segment cases with a trained model (default: the bundled demo model)",
         description="INPUT is a case folder, a dataset root (every case), a manifest, or the "
-        "image files of one case (MOD=PATH pairs, or paths in the model's modality order). "
+        "image files of one case (MOD=PATH pairs, or paths whose names end in the modality, "
+        "e.g. *_flair.nii.gz or *-t2f.nii.gz, in any order). "
         "Writes <case>.nii.gz (uint8 labels in the dataset's convention) with the input's "
         "affine and header.",
     )
@@ -347,11 +623,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bf16", action="store_true",
                    help="bfloat16 autocast on the CPU too (always on CUDA): faster on CPUs with "
                         "AVX512-BF16/AMX, probabilities differ by ~1e-2 (docs/performance.md)")
-    p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (0.5)")
+    p.add_argument("--overlap", type=overlap_fraction, default=0.5, help="sliding-window overlap (0.5)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--probabilities", action="store_true",
                    help="also write <case>_prob_<region>.nii.gz")
-    p.add_argument("--case-id", help="case name when INPUT is a list of files")
+    p.add_argument("--case-id", help="case name when INPUT is a list of files (default: the "
+                   "common prefix of their names); a plain file name")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--allow-input-dir", action="store_true",
                    help="allow --out to be inside an input folder")
@@ -388,6 +665,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="roi", choices=["roi", "sliding"],
                    help="roi: one patch-sized window centred on the predicted tumour (default, "
                    "fast); sliding: every sliding window, Gaussian-stitched")
+    p.add_argument("--method", default="gradcam", choices=["gradcam", "hirescam"],
+                   help="gradcam: the paper's mean-gradient alpha (default); hirescam: the "
+                   "gradient at each voxel times the activation there")
+    p.add_argument("--extent", default="target", choices=["target", "window"],
+                   help="target: heatmaps and weights count only heat within --margin of the "
+                   "pair's predicted region (default); window: every voxel, as the paper")
+    p.add_argument("--margin", type=float, default=8.0, metavar="MM",
+                   help="dilation of the target for --extent target and the inside fraction "
+                   "(default 8 mm)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.set_defaults(func=_cmd_explain)
@@ -401,17 +687,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="output folder")
     # 600 = shapes_experiment.DEFAULT_STEPS (not imported here: --help must not load torch).
-    p.add_argument("--steps", type=int, default=600, help="optimiser steps (default 600)")
-    p.add_argument("--beta", type=float, default=0.5, help="KL weight; 0 = without KL (0.5)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=int, default=64, help="image size, multiple of 16 (64)")
-    p.add_argument("--width", type=int, default=4, help="base number of filters C (4)")
-    p.add_argument("--train-pairs", type=int, default=1000,
+    p.add_argument("--steps", type=positive_int, default=600, help="optimiser steps (default 600)")
+    p.add_argument("--beta", type=nonnegative_float, default=0.5,
+                   help="KL weight; 0 = without KL (0.5)")
+    p.add_argument("--seed", type=nonnegative_int, default=0)
+    p.add_argument("--size", type=patch_size, default=64, help="image size, multiple of 16 (64)")
+    p.add_argument("--width", type=positive_int, default=4, help="base number of filters C (4)")
+    p.add_argument("--train-pairs", type=positive_int, default=1000,
                    help="generated training pairs (1000, as the paper)")
-    p.add_argument("--eval-pairs", type=int, default=100, help="held-out pairs (100)")
+    p.add_argument("--eval-pairs", type=positive_int, default=100, help="held-out pairs (100)")
     p.add_argument("--device", default="cpu", help="cpu (default), auto or cuda")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.set_defaults(func=_cmd_shapes)
+
+    p = sub.add_parser(
+        "review-summary", help="summary of review sessions: decisions, Dice model vs final mask, "
+        "time per case, inter-reader Dice",
+        description="Write review_summary.csv (one row per session and case), review_summary.md "
+        "and review_summary.png (decisions per category, per-region Dice between the model "
+        "output and the final mask, changed voxels, time per case, reviewers) and, for two or "
+        "more sessions over the same cases, inter_reader.csv (per-region Dice between the "
+        "reviewers' final masks). See docs/plugin.md, 'Review session'.",
+    )
+    p.add_argument("sessions", nargs="+", metavar="SESSION_DIR", help="review session folder(s)")
+    p.add_argument("--out", help="output folder (default: the first session folder)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing summary")
+    p.set_defaults(func=_cmd_review_summary)
+
+    p = sub.add_parser(
+        "review-export", help="a review session's accepted and corrected cases as a dataset",
+        description="Write the cases whose latest decision is accepted or corrected as a "
+        "dataset in the input's layout (images copied or linked, the final masks as labels) "
+        "that `ciml-core train` reads, e.g. to fine-tune with --init CHECKPOINT.",
+    )
+    p.add_argument("session", metavar="SESSION_DIR", help="review session folder")
+    p.add_argument("--out", required=True, help="new dataset folder (must not exist, or be empty)")
+    p.add_argument("--link", default="copy", choices=["copy", "hardlink", "symlink"],
+                   help="how the images get there (default copy; hardlink falls back to copy "
+                   "across file systems)")
+    p.set_defaults(func=_cmd_review_export)
 
     p = sub.add_parser("info", help="show a checkpoint's configuration, training and metrics")
     p.add_argument("model", nargs="?", default="demo", help="'demo' (default) or a checkpoint")
@@ -422,11 +736,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except _OptionError as err:
+        print(f"{err.prog}: error: {_one_line(str(err))} (see {err.prog} --help)", file=sys.stderr)
+        return 2
     try:
         return int(args.func(args) or 0)
     except (CimlError, FileExistsError) as err:
-        print(f"ciml-core {args.command}: error: {err}", file=sys.stderr)
+        print(f"ciml-core {args.command}: error: {_one_line(str(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"ciml-core {args.command}: interrupted", file=sys.stderr)

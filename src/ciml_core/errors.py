@@ -27,3 +27,8 @@ class ConfigError(CimlError, ValueError):
 
 class CheckpointError(CimlError, ValueError):
     """A model checkpoint is missing, edited, or does not match the data it is used with."""
+
+
+class OutputError(CimlError, OSError):
+    """An output cannot be written where asked: the folder is a file, not writable, or a name
+    would land outside it."""

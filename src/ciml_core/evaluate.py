@@ -25,7 +25,6 @@ import io
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from ciml_core.data.labels import LabelConvention, get_convention, validate_labe
 from ciml_core.data.layouts import discover_cases
 from ciml_core.data.nifti import AFFINE_TOLERANCE_MM, Volume, is_nifti_path, load_volume
 from ciml_core.errors import ConfigError, GeometryError, InputDataError
+from ciml_core.io import atomic_write_text, refuse_existing
 from ciml_core.metrics import HD95_EMPTY, METRIC_NAMES, region_metrics
 
 #: Summary statistics per region and metric, in report order. ``std`` is the population standard
@@ -225,28 +225,13 @@ def output_paths(out: str | os.PathLike) -> tuple[Path, Path]:
 
 
 def _refuse_existing(paths: tuple[Path, ...], overwrite: bool) -> None:
-    if overwrite:
-        return
-    for path in paths:
-        if path.exists():
-            raise FileExistsError(
-                f"{path} already exists (pass overwrite=True / --overwrite to replace it)"
-            )
+    refuse_existing(paths, overwrite)
 
 
 def _atomic_write_text(path: Path, text: str, *, overwrite: bool) -> None:
-    """Write through a temporary file in the same folder and a rename: never a half-written file."""
-    _refuse_existing((path,), overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes the file private (0600); a report is meant to be read
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write atomically (:mod:`ciml_core.io`): never a half-written file, and without
+    ``overwrite`` an existing (or concurrently created) file is refused, not replaced."""
+    atomic_write_text(path, text, overwrite=overwrite)
 
 
 # -- pairing -------------------------------------------------------------------------------------
@@ -340,7 +325,22 @@ def pair_cases(
             f"{len(missing)} reference case(s) have no prediction <case_id>.nii.gz: {_ids(missing)}"
             " (pass allow_missing=True / --allow-missing to score them as empty predictions)"
         )
-    return [(cid, predictions.get(cid), references[cid]) for cid in sorted(references)]
+    pairs = [(cid, predictions.get(cid), references[cid]) for cid in sorted(references)]
+    for cid, pred, ref in pairs:
+        if pred is not None and _same_file(pred, ref):
+            raise InputDataError(
+                f"case {cid}: the prediction {pred} is the reference label itself; comparing a "
+                "folder with itself scores every case perfectly (expected predictions and "
+                "references in different files)"
+            )
+    return pairs
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 # -- scoring -------------------------------------------------------------------------------------
@@ -446,7 +446,7 @@ def evaluate_folders(
 
 
 def score_model(
-    loaded, cases, label_convention: str, *, device: str = "auto"
+    loaded, cases, label_convention: str, *, device: str = "auto", nesting: str = "union"
 ) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, dict[str, float]]]:
     """Predict labelled cases in memory and score them: ``(per_case, mean)``.
 
@@ -461,7 +461,7 @@ def score_model(
     per_case = {}
     for files in cases:
         case = load_case(files, loaded.modalities, label_convention=label_convention)
-        prediction = predict_case(loaded, case, device=device)
+        prediction = predict_case(loaded, case, device=device, nesting=nesting)
         per_case[case.case_id] = region_metrics(prediction.label, case.label, label_convention,
                                                 case.spacing)
     regions = next(iter(per_case.values()))

@@ -39,9 +39,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import re
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +52,7 @@ from monai.inferers import sliding_window_inference
 from scipy import ndimage
 from torch import Tensor, nn
 
+from ciml_core import io as _io
 from ciml_core.checkpoint import LoadedModel
 from ciml_core.data.dataset import LoadedCase
 from ciml_core.data.nifti import write_like
@@ -62,9 +61,19 @@ from ciml_core.data.preprocess import crop, preprocess_image, uncrop
 from ciml_core.errors import ConfigError, InputDataError
 from ciml_core.infer import count_windows, resolve_device, sliding_window_predict
 from ciml_core.model import TaskDecomposition, probabilities_to_region_masks
+from ciml_core.model.config import check_spatial_size
 
 #: Ways of covering a whole volume.
 MODES = ("roi", "sliding")
+#: Attribution maps: "gradcam" (paper Eq. 14-15: one alpha per channel, the mean gradient) or
+#: "hirescam" (element-wise gradient x activation, Draelos & Carin 2020: heat only where the
+#: target's gradient reaches, i.e. each z_k's own first-order contribution to y^k).
+METHODS = ("gradcam", "hirescam")
+#: Where heat counts: "target" (the target dilated by ``margin_mm``; the default) or "window"
+#: (every voxel the maps cover, as the paper).
+EXTENTS = ("target", "window")
+#: Default dilation of the target for ``extent="target"``, in mm.
+TARGET_MARGIN_MM = 8.0
 #: CIG level whose representations are explained (paper 4.6: the shallowest, P/2, C channels).
 EXPLAINED_LEVEL = 1
 #: Sliding-window overlap of ``mode="sliding"`` (the prediction's default).
@@ -99,6 +108,11 @@ class PairExplanation:
             full-grid voxel coordinates (it may reach past the grid where the image was padded).
         centre: canonical voxel index (full grid) the window was centred on, for ``"roi"``; the
             target's centre of mass for ``"sliding"`` (None when the target is empty).
+        inside_fraction: auxiliary name -> the fraction of the map's heat (before it is bound to
+            the target) that lies inside the target dilated by ``margin_mm`` (nan: no heat).
+        method: "gradcam" or "hirescam" (:data:`METHODS`).
+        extent: "target" (maps and weights bound to the dilated target) or "window".
+        margin_mm: the target's dilation.
     """
 
     segmentor: int
@@ -114,6 +128,10 @@ class PairExplanation:
     mode: str = "roi"
     window: tuple[tuple[int, int], ...] | None = None
     centre: tuple[int, ...] | None = None
+    inside_fraction: dict[str, float] = field(default_factory=dict)
+    method: str = "gradcam"
+    extent: str = "window"
+    margin_mm: float = TARGET_MARGIN_MM
 
     @property
     def name(self) -> str:
@@ -299,6 +317,7 @@ def gradcam_window(
     *,
     num_messages: int,
     on_backward: Callable[[], None] | None = None,
+    method: str = "gradcam",
 ) -> tuple[Tensor, Tensor]:
     """Grad-CAM of every pair on one window: one forward pass, one backward pass per pair.
 
@@ -309,6 +328,8 @@ def gradcam_window(
         pairs: (segmentor, region) pairs.
         num_messages: K.
         on_backward: called after each backward pass (progress / cancellation).
+        method: "gradcam" (alpha_c = mean gradient, Eq. 15) or "hirescam" (the gradient at each
+            voxel times the activation there, summed over channels).
 
     Returns:
         ``(image_maps [n_pairs, K, *P], level_maps [n_pairs, K, *P/2])``, float32, >= 0.
@@ -336,7 +357,8 @@ def gradcam_window(
                 a = a.detach().float()
                 g = torch.zeros_like(a) if g is None else g.float()
                 spatial = tuple(range(2, a.dim()))
-                alpha = g.mean(dim=spatial, keepdim=True)  # Eq. 15: mean over the N voxels
+                # Eq. 15 (alpha: mean over the N voxels), or the voxel's own gradient.
+                alpha = g.mean(dim=spatial, keepdim=True) if method == "gradcam" else g
                 cam = torch.relu((alpha * a).sum(dim=1, keepdim=True))  # Eq. 14
                 pair_level.append(cam[0, 0])
                 # ReLU before upsampling: (bi/tri)linear interpolation of a map >= 0 stays >= 0.
@@ -442,6 +464,10 @@ def explain_case(
     progress: ProgressFn | None = None,
     prediction: np.ndarray | None = None,
     overlap: float = SLIDING_OVERLAP,
+    method: str = "gradcam",
+    extent: str = "target",
+    margin_mm: float = TARGET_MARGIN_MM,
+    roi_size: int | None = None,
 ) -> list[PairExplanation]:
     """Grad-CAM heatmaps and complementary-information weights of ``pairs`` on one case.
 
@@ -460,11 +486,27 @@ def explain_case(
         prediction: per-region probabilities ``(R, *grid)`` already computed for this case
             (``CasePrediction.probabilities``); saves predicting again when no ``target_mask``.
         overlap: sliding-window overlap for ``mode="sliding"`` and the prediction.
+        method: :data:`METHODS`.
+        extent: "target": heatmaps and weights count only the heat inside the target dilated by
+            ``margin_mm`` (what the pair's region is about); "window": all of it (the paper).
+            ``inside_fraction`` is reported either way.
+        margin_mm: the target's dilation for ``extent`` and ``inside_fraction``.
+        roi_size: ``mode="roi"``: the explained window's size per axis (a multiple of 16) instead
+            of the model's patch size (the sensitivity study of docs/interpretability.md).
 
     Returns:
         One :class:`PairExplanation` per pair, in the order given.
     """
     _check_inputs(loaded, case, mode, target_mask, prediction)
+    if method not in METHODS:
+        raise ConfigError(f"method: expected one of {list(METHODS)}, got {method!r}")
+    if extent not in EXTENTS:
+        raise ConfigError(f"extent: expected one of {list(EXTENTS)}, got {extent!r}")
+    if not margin_mm >= 0:
+        raise ConfigError(f"margin: expected a distance >= 0 mm, got {margin_mm!r}")
+    if roi_size is not None:
+        check_spatial_size((roi_size,) * loaded.config.spatial_dims, loaded.config.spatial_dims,
+                           what="roi_size")
     decomposition = loaded.config.decomposition
     if pairs is None:
         pairs = list_pairs(decomposition)
@@ -511,16 +553,24 @@ def explain_case(
 
     num_messages = decomposition.num_tasks - 1
     if mode == "roi":
-        results = _explain_roi(model, pre.image, targets, pairs, target_channels, patch, dev,
-                               num_messages, counter, decomposition, source == "mask")
+        window = patch if roi_size is None else (roi_size,) * len(patch)
+        results = _explain_roi(model, pre.image, targets, pairs, target_channels, window, dev,
+                               num_messages, counter, decomposition, source == "mask", method)
     else:
         results = _explain_sliding(model, pre.image, targets, pairs, target_channels, patch, dev,
-                                   num_messages, counter, overlap)
+                                   num_messages, counter, overlap, method)
+    bounds = {}  # per target channel: the target dilated by margin_mm, cropped grid
+    for channel in set(target_channels):
+        bounds[channel] = dilate_mm(targets[channel], case.spacing, margin_mm)
 
     explanations = []
     for p, (i, region) in enumerate(pairs):
         image_maps, level_maps, window, centre, target = results[p]
         names = auxiliary_names(model, decomposition, i)
+        bound = bounds[target_channels[p]]
+        inside = {name: inside_fraction(image_maps[m], bound) for m, name in enumerate(names)}
+        if extent == "target":
+            image_maps = image_maps * bound
         heatmaps = {name: uncrop(image_maps[m].astype(np.float32), pre.box, fill=0.0)
                     for m, name in enumerate(names)}
         shift = [s.start for s in pre.box.slices]
@@ -541,8 +591,33 @@ def explain_case(
                     if window is not None else None),
             centre=(tuple(int(round(c + o)) for c, o in zip(centre, shift, strict=True))
                     if centre is not None else None),
+            inside_fraction=inside, method=method, extent=extent, margin_mm=float(margin_mm),
         ))
     return explanations
+
+
+def dilate_mm(mask: np.ndarray, spacing: Sequence[float], margin_mm: float) -> np.ndarray:
+    """Voxels within ``margin_mm`` (Euclidean, in mm with the voxel ``spacing``) of ``mask``."""
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any() or margin_mm <= 0:
+        return mask.copy()
+    # Only the bounding box grown by the margin can be reached: the distance transform runs there.
+    reach = [int(np.ceil(margin_mm / s)) for s in spacing]
+    coords = np.argwhere(mask)
+    lo = np.maximum(coords.min(0) - reach, 0)
+    hi = np.minimum(coords.max(0) + np.array(reach) + 1, mask.shape)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+    out = np.zeros_like(mask)
+    out[box] = ndimage.distance_transform_edt(~mask[box], sampling=spacing) <= margin_mm
+    return out
+
+
+def inside_fraction(heat: np.ndarray, bound: np.ndarray) -> float:
+    """Share of ``heat``'s sum that lies inside ``bound`` (nan when the map holds no heat)."""
+    total = float(np.sum(heat, dtype=np.float64))
+    if not total > 0:
+        return float("nan")
+    return float(np.sum(heat[bound], dtype=np.float64)) / total
 
 
 def _roi_centre(targets: np.ndarray, channel: int, decomposition: TaskDecomposition,
@@ -561,7 +636,7 @@ def _roi_centre(targets: np.ndarray, channel: int, decomposition: TaskDecomposit
 
 
 def _explain_roi(model, image, targets, pairs, target_channels, patch, dev, num_messages,
-                 counter, decomposition, source_is_mask):
+                 counter, decomposition, source_is_mask, method):
     shape = image.shape[1:]
     # Group the pairs by window so that pairs sharing a target share the forward pass.
     windows: dict[tuple[tuple[int, int], ...], list[int]] = {}
@@ -576,7 +651,7 @@ def _explain_roi(model, image, targets, pairs, target_channels, patch, dev, num_
         t = torch.from_numpy(_extract(targets, window))[None].to(dev)
         image_maps, level_maps = gradcam_window(
             model, x, t, [pairs[p] for p in members], [target_channels[p] for p in members],
-            num_messages=num_messages, on_backward=counter.step,
+            num_messages=num_messages, on_backward=counter.step, method=method,
         )
         image_maps, level_maps = image_maps.cpu().numpy(), level_maps.cpu().numpy()
         for j, p in enumerate(members):
@@ -587,7 +662,7 @@ def _explain_roi(model, image, targets, pairs, target_channels, patch, dev, num_
 
 
 def _explain_sliding(model, image, targets, pairs, target_channels, patch, dev, num_messages,
-                     counter, overlap):
+                     counter, overlap, method):
     n_channels = image.shape[0]
     # The target masks ride along as extra input channels, so that MONAI cuts (and pads) them
     # exactly like the image and the stitching is the prediction's own.
@@ -595,7 +670,7 @@ def _explain_sliding(model, image, targets, pairs, target_channels, patch, dev, 
 
     def predictor(window: Tensor) -> Tensor:
         maps, _ = gradcam_window(model, window[:, :n_channels], window[:, n_channels:] > 0.5,
-                                 pairs, target_channels, num_messages=num_messages)
+                                 pairs, target_channels, num_messages=num_messages, method=method)
         counter.step()
         return maps.reshape(1, len(pairs) * num_messages, *maps.shape[2:]).detach()
 
@@ -649,35 +724,23 @@ def weights_table(explanations: Sequence[PairExplanation], case_id: str) -> list
                 "case": case_id, "pair": e.name, "segmentor": e.segmentor, "primary": e.primary,
                 "region": e.region, "auxiliary": aux, "weight": e.weights[aux],
                 "heat_sum": e.heat_sums.get(aux, float(np.sum(e.heatmaps[aux], dtype=np.float64))),
+                "inside_fraction": e.inside_fraction.get(aux, float("nan")),
                 "target_voxels": e.target_voxels, "target_source": e.target_source,
-                "mode": e.mode,
+                "mode": e.mode, "method": e.method, "extent": e.extent, "margin_mm": e.margin_mm,
             })
     return rows
 
 
-def atomic_write(path: Path, write: Callable[[Any], None], *, binary: bool = False) -> Path:
-    """Write ``path`` through a temporary file in the same folder and a rename, so a reader never
-    sees half a file. ``write(fh)`` fills the open file.
-
-    The temporary file is created with mode 0o666 minus the umask (``tempfile.mkstemp`` would
-    leave 0o600, and the rename would keep it, making outputs unreadable for other users).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"newline": ""})) as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+def atomic_write(path: Path, write: Callable[[Any], None], *, binary: bool = False,
+                 overwrite: bool = True) -> Path:
+    """Write ``path`` atomically; ``write(fh)`` fills the open file. Kept for its callers: the
+    one implementation is :func:`ciml_core.io.atomic_write` (temporary file in the same folder,
+    mode 0644; ``overwrite=False`` refuses an existing file atomically)."""
+    return _io.atomic_write(path, write, binary=binary, overwrite=overwrite)
 
 
-def _atomic_write_text(path: Path, text: str) -> Path:
-    return atomic_write(path, lambda fh: fh.write(text))
+def _atomic_write_text(path: Path, text: str, *, overwrite: bool = False) -> Path:
+    return _io.atomic_write_text(path, text, overwrite=overwrite)
 
 
 def write_explanations(
@@ -693,12 +756,11 @@ def write_explanations(
     Nothing is written when any target exists and ``overwrite`` is False (FileExistsError).
     """
     out_dir = Path(out_dir)
-    nifti = [(out_dir / heatmap_filename(case.case_id, e, aux), e.heatmaps[aux])
+    # output_path: a case id cannot lead outside out_dir.
+    nifti = [(_io.output_path(out_dir, heatmap_filename(case.case_id, e, aux)), e.heatmaps[aux])
              for e in explanations for aux in e.auxiliary]
     targets = [p for p, _ in nifti] + [out_dir / WEIGHTS_CSV, out_dir / WEIGHTS_JSON]
-    existing = [str(p) for p in targets if p.exists()]
-    if existing and not overwrite:
-        raise FileExistsError(f"{existing[0]} already exists (use --overwrite to replace it)")
+    _io.refuse_existing(targets, overwrite)  # early; each write refuses atomically too
     written = [write_like(heat, case.reference, path, dtype=np.float32, overwrite=overwrite)
                for path, heat in nifti]
 
@@ -707,32 +769,43 @@ def write_explanations(
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["case"])
     writer.writeheader()
     writer.writerows(rows)
-    written.append(_atomic_write_text(out_dir / WEIGHTS_CSV, buffer.getvalue()))
+    written.append(_atomic_write_text(out_dir / WEIGHTS_CSV, buffer.getvalue(),
+                                      overwrite=overwrite))
     document = {
         "case": case.case_id,
-        "definition": "w = sum of the raw Grad-CAM heatmap of an auxiliary modality / sum over "
-                      "the pair's auxiliary modalities (paper Eq. 16-17)",
+        "definition": "w = sum of the raw heatmap of an auxiliary modality / sum over the pair's "
+                      "auxiliary modalities (paper Eq. 16-17); with extent 'target' only the heat "
+                      "inside the target dilated by margin_mm counts; inside_fraction = the share "
+                      "of the unbound map's heat inside that dilated target",
         "pairs": [{
             "pair": e.name, "segmentor": e.segmentor, "primary": e.primary, "region": e.region,
             "auxiliary": list(e.auxiliary), "weights": e.weights, "heat_sums": e.heat_sums,
+            "inside_fraction": {a: (None if not np.isfinite(v) else v)
+                                for a, v in e.inside_fraction.items()},
+            "method": e.method, "extent": e.extent, "margin_mm": e.margin_mm,
             "target_voxels": e.target_voxels, "target_source": e.target_source, "mode": e.mode,
             "window": [list(w) for w in e.window] if e.window is not None else None,
             "centre": list(e.centre) if e.centre is not None else None,
             "files": {aux: heatmap_filename(case.case_id, e, aux) for aux in e.auxiliary},
         } for e in explanations],
     }
-    written.append(_atomic_write_text(out_dir / WEIGHTS_JSON, json.dumps(document, indent=2) + "\n"))
+    written.append(_atomic_write_text(out_dir / WEIGHTS_JSON, json.dumps(document, indent=2) + "\n",
+                                      overwrite=overwrite))
     return written
 
 
 __all__ = [
+    "EXTENTS",
+    "METHODS",
     "MODES",
     "PairExplanation",
     "atomic_write",
     "complementary_weights",
+    "dilate_mm",
     "explain_case",
     "gradcam_window",
     "heat_sums",
+    "inside_fraction",
     "list_pairs",
     "parse_pairs",
     "planned_paths",

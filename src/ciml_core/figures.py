@@ -43,10 +43,9 @@ def save_figure(fig: Figure, path: str | os.PathLike, *, overwrite: bool = False
     """Save ``fig`` (format from the suffix, e.g. .png) atomically; refuse to replace a file
     unless ``overwrite``."""
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists (use --overwrite to replace it)")
     fmt = path.suffix.lstrip(".").lower() or "png"
-    return atomic_write(path, lambda fh: fig.savefig(fh, format=fmt, dpi=dpi), binary=True)
+    return atomic_write(path, lambda fh: fig.savefig(fh, format=fmt, dpi=dpi), binary=True,
+                        overwrite=overwrite)
 
 
 def _display(slice_xy: np.ndarray) -> np.ndarray:
@@ -176,10 +175,18 @@ def heatmap_grid_figure(
     return fig
 
 
+def pair_label(e: PairExplanation) -> str:
+    """Pair name, and under it the smallest share of an auxiliary's heat inside the target."""
+    fractions = [f for f in getattr(e, "inside_fraction", {}).values() if np.isfinite(f)]
+    return f"{e.name}\nin target >= {min(fractions):.0%}" if fractions else e.name
+
+
 def weights_chart_figure(explanations: Sequence[PairExplanation], *,
                          title: str | None = None) -> Figure:
     """Paper Fig. 18: grouped bars, one group per pair, one bar per auxiliary modality (its
-    complementary-information weight in [0, 1]); a dashed line marks the equal share 1/K."""
+    complementary-information weight in [0, 1]); a dashed line marks the equal share 1/K. Under
+    each pair: the smallest fraction of an auxiliary map's heat that lies inside the (dilated)
+    target, so that a weight measured mostly outside the tumour shows as such."""
     if not explanations:
         raise ValueError("no explanation to draw")
     # One colour per modality for the whole chart, in task order (the pairs' primaries first),
@@ -203,7 +210,7 @@ def weights_chart_figure(explanations: Sequence[PairExplanation], *,
             ax.text(x, e.weights[aux] + 0.01, f"{e.weights[aux]:.2f}", ha="center",
                     va="bottom", fontsize=7)
     ax.axhline(1.0 / k, color="grey", lw=0.8, ls="--", label=f"equal share 1/{k}")
-    ax.set_xticks(range(len(explanations)), [e.name for e in explanations])
+    ax.set_xticks(range(len(explanations)), [pair_label(e) for e in explanations])
     ax.set_yticks(np.linspace(0, 1, 6))
     ax.set_ylabel("complementary information weight")
     ax.set_xlabel("pair (primary modality : target region)")

@@ -22,8 +22,9 @@ from ciml_core.checkpoint import LoadedModel
 from ciml_core.data.dataset import LoadedCase
 from ciml_core.data.labels import get_convention, regions_to_labels
 from ciml_core.data.nifti import write_like
-from ciml_core.data.preprocess import preprocess_image, uncrop
+from ciml_core.data.preprocess import nonzero_bbox, preprocess_image, uncrop
 from ciml_core.errors import CimlError, InputDataError
+from ciml_core.io import output_path, refuse_existing
 from ciml_core.model import (
     CIMLNetwork,
     ensemble_region_probabilities,
@@ -84,8 +85,12 @@ def sliding_window_predict(
     progress: Callable[[int, int], None] | None = None,
     fused: bool = True,
     bf16: bool | None = None,
+    per_head: bool = False,
 ) -> np.ndarray:
     """Per-region probabilities ``(R, *spatial)`` of a preprocessed image ``(M, *spatial)``.
+
+    ``per_head``: instead, every output head's own probabilities, heads in task order and each
+    head's regions in its order (``sum_h R_h`` channels), before the ensemble averages them.
 
     ``fused``: see :func:`inference_network`. ``bf16``: bfloat16 autocast for the windows
     (default: on CUDA only; on a CPU with AVX512-BF16 it is faster too, at a small accuracy cost,
@@ -106,7 +111,9 @@ def sliding_window_predict(
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
             for axes in flips:
                 x = window.flip(axes) if axes else window
-                p = ensemble_region_probabilities(model(x), decomposition).float()
+                out = model(x)
+                p = (torch.cat([torch.sigmoid(logits) for logits in out.logits], dim=1)
+                     if per_head else ensemble_region_probabilities(out, decomposition)).float()
                 probs = probs + (p.flip(axes) if axes else p)
                 if progress is not None and len(flips) > 1:
                     progress(done, total)  # lets a Cancel act between mirrored passes
@@ -121,6 +128,37 @@ def sliding_window_predict(
         mode="gaussian", sw_device=dev, device=torch.device("cpu"),
     )
     return probs[0].numpy()
+
+
+#: Below this many imaged voxels along an axis the network's four 2x downsamplings leave less
+#: than one voxel: nothing like the volumes a model is trained on.
+MIN_TYPICAL_VOXELS = 16
+#: Voxel anisotropy (largest / smallest spacing) beyond which slices are unusually thick.
+MAX_TYPICAL_ANISOTROPY = 4.0
+
+
+def input_warnings(case: LoadedCase, loaded: LoadedModel | None = None) -> list[str]:
+    """Reasons to distrust a prediction on ``case``: inputs far outside what a segmentation model
+    is trained on (a tiny or one-voxel-thick imaged region, very anisotropic voxels). Each is one
+    line naming the case; an empty list when the input looks ordinary. The prediction still runs.
+    """
+    warnings = []
+    extent = nonzero_bbox(case.image).shape
+    patch = f" (the model's patch is {'x'.join(map(str, loaded.config.patch_size))})" \
+        if loaded is not None else ""
+    thin = [n for n in extent if n < MIN_TYPICAL_VOXELS]
+    if thin:
+        warnings.append(
+            f"case {case.case_id}: the imaged region is {'x'.join(map(str, extent))} voxels, "
+            f"{min(thin)} along its thinnest axis (< {MIN_TYPICAL_VOXELS}){patch}; this is far "
+            "outside the volumes the model was trained on, expect an unreliable segmentation")
+    spacing = tuple(float(s) for s in case.spacing)
+    if min(spacing) > 0 and max(spacing) / min(spacing) > MAX_TYPICAL_ANISOTROPY:
+        warnings.append(
+            f"case {case.case_id}: voxels of {' x '.join(f'{s:g}' for s in spacing)} mm are very "
+            f"anisotropic (ratio {max(spacing) / min(spacing):.1f} > {MAX_TYPICAL_ANISOTROPY:g}); "
+            "the model was trained on near-isotropic volumes, expect an unreliable segmentation")
+    return warnings
 
 
 @dataclass
@@ -143,8 +181,10 @@ def predict_case(
     progress: Callable[[int, int], None] | None = None,
     fused: bool = True,
     bf16: bool | None = None,
+    nesting: str = "union",
 ) -> CasePrediction:
-    """Preprocess, predict, threshold (ET in TC in WT), map to labels and un-crop one case."""
+    """Preprocess, predict, threshold, nest (ET in TC in WT, by ``nesting``: see
+    :func:`~ciml_core.model.probabilities_to_region_masks`), map to labels and un-crop one case."""
     if tuple(case.modalities) != tuple(loaded.modalities):
         raise InputDataError(
             f"case {case.case_id}: the model {loaded.path} expects modalities "
@@ -154,7 +194,8 @@ def predict_case(
                            pet_method=loaded.info.normalisation.get("pet_method", "log"))
     probs = sliding_window_predict(loaded, pre.image, overlap=overlap, mirror=mirror,
                                    device=device, progress=progress, fused=fused, bf16=bf16)
-    masks = probabilities_to_region_masks(torch.from_numpy(probs)[None], loaded.regions)[0].numpy()
+    masks = probabilities_to_region_masks(torch.from_numpy(probs)[None], loaded.regions,
+                                          nesting=nesting)[0].numpy()
     conv = get_convention(loaded.info.label_convention)
     order = [loaded.regions.index(r) for r in conv.region_names]
     label = regions_to_labels(masks[order], conv)
@@ -175,13 +216,12 @@ def write_prediction(
     overwrite: bool = False,
 ) -> list[Path]:
     """Write ``<case>.nii.gz`` (uint8 labels) and optionally ``<case>_prob_<region>.nii.gz``."""
-    targets = [(out_dir / f"{prediction.case_id}.nii.gz", prediction.label, np.uint8)]
+    # output_path: a case id can never place a file outside out_dir (e.g. "../x").
+    targets = [(output_path(out_dir, f"{prediction.case_id}.nii.gz"), prediction.label, np.uint8)]
     if probabilities:
         for i, region in enumerate(prediction.regions):
-            targets.append((out_dir / f"{prediction.case_id}_prob_{region}.nii.gz",
+            targets.append((output_path(out_dir, f"{prediction.case_id}_prob_{region}.nii.gz"),
                             prediction.probabilities[i], np.float32))
-    existing = [str(p) for p, _, _ in targets if p.exists()]
-    if existing and not overwrite:
-        raise FileExistsError(f"{existing[0]} already exists (use --overwrite to replace it)")
+    refuse_existing([p for p, _, _ in targets], overwrite)  # early; each write refuses atomically
     return [write_like(data, case.reference, path, dtype=dtype, overwrite=overwrite)
             for path, data, dtype in targets]

@@ -246,11 +246,10 @@ def write_shapes_outputs(
     ``overwrite``."""
     from ciml_core.explain import atomic_write
     from ciml_core.figures import save_figure, shape_composition_figure
+    from ciml_core.io import refuse_existing
 
     figure_path, json_path = shapes_output_paths(out_dir)
-    existing = [str(p) for p in (figure_path, json_path) if p.exists()]
-    if existing and not overwrite:
-        raise FileExistsError(f"{existing[0]} already exists (use --overwrite to replace it)")
+    refuse_existing((figure_path, json_path), overwrite)  # before drawing; writes refuse too
     ex = result.examples
     kl = f"beta = {result.config.beta:g}" + ("" if result.config.beta > 0 else " (without KL)")
     fig = shape_composition_figure(
@@ -258,7 +257,7 @@ def write_shapes_outputs(
         primary_masks=ex["triangle"], auxiliary_masks=ex["ellipse"],
         title=f"ShapeComposition, {kl}: ratio {result.ratio:.2f}, Dice {result.dice:.3f}",
     )
-    written = [save_figure(fig, figure_path, overwrite=True)]
+    written = [save_figure(fig, figure_path, overwrite=overwrite)]
     text = json.dumps(result.to_dict(), indent=2) + "\n"
-    written.append(atomic_write(json_path, lambda fh: fh.write(text)))
+    written.append(atomic_write(json_path, lambda fh: fh.write(text), overwrite=overwrite))
     return written

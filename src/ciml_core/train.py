@@ -20,7 +20,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,12 +49,21 @@ from ciml_core.distributed import DistContext, barrier, cleanup, setup_distribut
 from ciml_core.errors import ConfigError, InputDataError
 from ciml_core.infer import sliding_window_predict
 from ciml_core.metrics import dice as dice_score
-from ciml_core.model import CIMLLoss, ModelConfig, TaskDecomposition, build_model
+from ciml_core.model import (
+    CIMLLoss,
+    ModelConfig,
+    TaskDecomposition,
+    build_model,
+    recalibrate_batch_norm,
+)
 from ciml_core.model import probabilities_to_region_masks as to_masks
+from ciml_core.model.config import GATE_SWITCHES
 
 #: Settings that define the schedule; --resume refuses to change them.
 SCHEDULE_KEYS = ("epochs", "iters_per_epoch", "patch", "batch", "width", "variant", "beta",
-                 "norm", "seed", "fold", "lr", "weight_decay", "decomposition")
+                 "norm", "seed", "fold", "lr", "weight_decay", "decomposition",
+                 "region_weighting", "message_dropout", "warmup_epochs", "beta_ramp_epochs",
+                 "et_oversampling", "region_sampling", "bn_recalibration", "augment", "init")
 
 
 @dataclass
@@ -77,6 +86,16 @@ class TrainConfig:
     norm: str = "batch"
     lr: float = 1e-4
     weight_decay: float = 3e-5
+    # Additions to the paper against the ET collapse (docs/method.md, "Training additions");
+    # the paper's recipe is region_weighting "head", 0, 0, 0, et_oversampling 1, 0.
+    region_weighting: str = "region"  # CIMLLoss: "region" (each region weighs 1) or "head"
+    message_dropout: float = 0.3  # probability of zeroing a sample's c_s in a segmentor
+    warmup_epochs: int = 4  # linear learning-rate warm-up before the poly decay
+    beta_ramp_epochs: int = 10  # beta grows linearly from 0 over these epochs
+    et_oversampling: float = 3.0  # weight of ET (vs 1 for the others) among foreground centres
+    region_sampling: list[float] | None = None  # explicit weight per region (overrides the above)
+    bn_recalibration: int = 16  # batches to recompute batch-norm statistics (z = mu) with
+    init: str | None = None  # start from this checkpoint's weights (fine-tuning)
     device: str = "auto"
     seed: int = 0
     val_every: int = 5
@@ -115,8 +134,21 @@ def default_decomposition(modalities: tuple[str, ...]) -> TaskDecomposition:
 
 
 def poly_lr(epoch: int, epochs: int, exponent: float = 0.9) -> float:
-    """nnU-Net's poly schedule (paper eq. 13), as a factor of the initial learning rate."""
-    return (1 - epoch / epochs) ** exponent
+    """nnU-Net's poly schedule (paper eq. 13), as a factor of the initial learning rate; 0 from
+    ``epochs`` on (never negative or complex, whatever epoch a resumed scheduler reaches)."""
+    return max(1 - epoch / epochs, 0.0) ** exponent
+
+
+def lr_factor(epoch: int, epochs: int, warmup_epochs: int = 0) -> float:
+    """Learning-rate factor of ``epoch``: a linear warm-up over ``warmup_epochs`` (epoch 0 gets
+    1 / (warmup_epochs + 1)), times :func:`poly_lr`."""
+    warmup = min((epoch + 1) / (warmup_epochs + 1), 1.0) if warmup_epochs > 0 else 1.0
+    return warmup * poly_lr(epoch, epochs)
+
+
+def beta_factor(epoch: int, ramp_epochs: int) -> float:
+    """Factor of beta in ``epoch``: 0 at epoch 0, growing linearly to 1 at ``ramp_epochs``."""
+    return min(epoch / ramp_epochs, 1.0) if ramp_epochs > 0 else 1.0
 
 
 class _SkipSampler(Sampler):
@@ -170,6 +202,32 @@ def _prepare_data(cfg: TrainConfig, ctx: DistContext) -> tuple:
             [prepared[i] for i in val_ids], str(data))
 
 
+def foreground_region_weights(cfg: TrainConfig, regions: tuple[str, ...]) -> list[float] | None:
+    """Weights of the regions among foreground patch centres: ``cfg.region_sampling`` when
+    given, else ET weighted ``cfg.et_oversampling`` against 1 for every other region (None:
+    uniform)."""
+    if cfg.region_sampling is not None:
+        if len(cfg.region_sampling) != len(regions):
+            raise ConfigError(f"--region-sampling: {len(cfg.region_sampling)} weights for the "
+                              f"{len(regions)} regions {list(regions)}")
+        return [float(w) for w in cfg.region_sampling]
+    if "ET" not in regions or cfg.et_oversampling == 1:
+        return None
+    return [float(cfg.et_oversampling) if r == "ET" else 1.0 for r in regions]
+
+
+def recalibration_batches(cfg: TrainConfig, cases: list[PreparedCase], device: torch.device,
+                          count: int, regions_weights: list[float] | None = None
+                          ) -> Iterator[torch.Tensor]:
+    """``count`` training-distribution image batches (augmented patches, a seed of their own so
+    that training's patch stream is untouched) for :func:`recalibrate_batch_norm`."""
+    dataset = PatchDataset(cases, (cfg.patch,) * 3, length=count * cfg.batch,
+                           augment=nnunet_augmentations(3) if cfg.augment else None,
+                           region_weights=regions_weights, seed=cfg.seed + 7919)
+    for start in range(0, count * cfg.batch, cfg.batch):
+        yield torch.stack([dataset[i][0] for i in range(start, start + cfg.batch)]).to(device)
+
+
 def validate(loaded: LoadedModel, cases: list[PreparedCase], device: torch.device) -> dict[str, float]:
     """Mean Dice per region over whole validation cases (sliding window, no mirroring)."""
     scores: dict[str, list[float]] = {r: [] for r in loaded.regions}
@@ -182,22 +240,81 @@ def validate(loaded: LoadedModel, cases: list[PreparedCase], device: torch.devic
     return {r: float(np.mean(v)) for r, v in scores.items()}
 
 
-def _check_resume(cfg: TrainConfig) -> TrainConfig:
-    """On --resume, continue the stored run: its schedule wins; differences are errors."""
-    stored_path = cfg.out / "train_config.json"
-    if not stored_path.is_file():
-        raise ConfigError(f"--resume: {stored_path} not found; nothing to resume in {cfg.out}")
-    stored = json.loads(stored_path.read_text())
-    given = cfg.to_dict()
-    changed = [k for k in SCHEDULE_KEYS if k in stored and given[k] != stored[k]
-               and given[k] != TrainConfig.__dataclass_fields__[k].default]
+#: Settings a resumed run may change: where and how fast it runs, not what it computes.
+RESUMABLE_CHANGES = ("device", "workers")
+
+
+def _stored_config(out: Path) -> dict[str, Any]:
+    path = out / "train_config.json"
+    if not path.is_file():
+        raise ConfigError(f"--resume: {path} not found; nothing to resume in {out}")
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"--resume: {path} is not readable JSON ({err})") from err
+    if not isinstance(stored, dict):
+        raise ConfigError(f"--resume: {path}: expected a JSON object of the run's settings")
+    return stored
+
+
+def _compare_with_stored(out: Path, stored: dict[str, Any], given: dict[str, Any]) -> None:
+    """Refuse every given setting that differs from the run being resumed."""
+    comparable = {k: v for k, v in given.items()
+                  if k not in RESUMABLE_CHANGES + ("out", "resume", "extra", "compile")}
+    if "data" in comparable:
+        comparable["data"] = str(comparable["data"]) if comparable["data"] is not None else None
+    changed = {k: (stored.get(k), v) for k, v in comparable.items() if stored.get(k) != v}
     if changed:
-        raise ConfigError(f"--resume: {changed} differ from the run being resumed "
-                          f"({ {k: stored[k] for k in changed} }); resume with the same settings")
-    merged = {**stored, "resume": True, "device": cfg.device, "workers": cfg.workers}
-    merged["out"] = Path(merged["out"])
-    merged["data"] = Path(merged["data"]) if merged["data"] else None
-    return TrainConfig(**merged)
+        detail = "; ".join(f"{k}: run has {old!r}, given {new!r}" for k, (old, new) in changed.items())
+        raise ConfigError(f"--resume {out}: settings differ from the run being resumed ({detail}); "
+                          f"only {list(RESUMABLE_CHANGES)} may change on resume")
+
+
+def resume_config(out: str | os.PathLike, **given: Any) -> TrainConfig:
+    """The settings of the run in ``out`` to continue, with ``given`` settings checked against it.
+
+    Settings not given are the run's; a given one must equal the run's, except
+    :data:`RESUMABLE_CHANGES`. The run continues in ``out`` even when it was started elsewhere
+    (a copied or moved run folder), never in the folder its ``train_config.json`` names.
+    """
+    out = Path(out)
+    stored = _stored_config(out)
+    _compare_with_stored(out, stored, given)
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    merged = {k: v for k, v in stored.items() if k in known}
+    merged.update({k: v for k, v in given.items() if k in RESUMABLE_CHANGES})
+    merged.update(out=out, resume=True)
+    merged["data"] = Path(merged["data"]) if merged.get("data") else None
+    try:
+        return TrainConfig(**merged)
+    except TypeError as err:
+        raise ConfigError(f"--resume: {out / 'train_config.json'}: {err}") from err
+
+
+def _check_resume(cfg: TrainConfig) -> TrainConfig:
+    """``TrainConfig(resume=True, ...)``: every setting must equal the stored run's (use
+    :func:`resume_config` to give only some)."""
+    given = cfg.to_dict()
+    given["data"] = cfg.data
+    del given["out"]
+    return resume_config(cfg.out, **given)
+
+
+def _load_initial_weights(model: torch.nn.Module, config: ModelConfig, init: str) -> None:
+    """Fine-tuning: load a checkpoint's weights into ``model``, refusing another architecture."""
+    from ciml_core.checkpoint import resolve_checkpoint
+
+    path = resolve_checkpoint(init)
+    stored = read_checkpoint_config(path)  # verifies the weights' hash
+    theirs = ModelConfig.from_dict(stored["model"])
+    fields = ("decomposition", "width", "variant", "norm", "spatial_dims", "dilation")
+    differ = [f for f in fields if getattr(theirs, f) != getattr(config, f)]
+    if differ:
+        raise ConfigError(
+            f"--init {init}: the checkpoint's {differ} differ from this run's "
+            f"({ {f: str(getattr(theirs, f)) for f in differ} } vs "
+            f"{ {f: str(getattr(config, f)) for f in differ} }); fine-tune with the same settings")
+    load_weights(model, load_file(str(path / WEIGHTS)), path)
 
 
 @dataclass
@@ -207,8 +324,14 @@ class TrainResult:
     epochs_completed: int
 
 
-def train(cfg: TrainConfig) -> TrainResult:
-    """Train a model. See the module docstring for what it writes into ``cfg.out``."""
+def train(cfg: TrainConfig, *, hook: Callable[[str, int, int], None] | None = None) -> TrainResult:
+    """Train a model. See the module docstring for what it writes into ``cfg.out``.
+
+    ``hook(event, epoch, step)`` (tests, tools) is called after each optimiser step
+    (``"step"``), before validation (``"validate"``) and after the epoch's checkpoint
+    (``"saved"``). Ctrl-C and SIGTERM stop the run at the next step boundary after saving
+    ``latest``; :class:`TrainingInterrupted` (a ``KeyboardInterrupt``) is then raised.
+    """
     cfg.out = Path(cfg.out)
     if cfg.resume:
         cfg = _check_resume(cfg)
@@ -218,30 +341,53 @@ def train(cfg: TrainConfig) -> TrainResult:
     if cfg.patch % 16:
         raise ConfigError(f"--patch {cfg.patch}: must be a multiple of 16")
     ctx = setup_distributed(cfg.device)
-    previous = _interrupt_on_sigterm()
+    stop = StopRequest.install()
     try:
-        return _train(cfg, ctx)
+        return _train(cfg, ctx, stop, hook)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        stop.uninstall()
         cleanup(ctx)
 
 
-def _interrupt_on_sigterm():
-    """Treat SIGTERM (schedulers, `kill`) like Ctrl-C: save `latest` and stop.
-
-    Returns the previous handler, or None when not in the main thread (signals cannot be set).
-    """
-    if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    return signal.signal(signal.SIGTERM, handler)
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped on a signal after saving ``latest``; ``--resume`` continues it."""
 
 
-def _train(cfg: TrainConfig, ctx: DistContext) -> TrainResult:
+class StopRequest:
+    """SIGINT / SIGTERM set a flag that the loop checks between optimiser steps, so that a
+    signal never lands inside a step, a validation or a checkpoint write (resuming then
+    continues exactly where the run stopped). A second signal aborts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    @classmethod
+    def install(cls) -> StopRequest:
+        request = cls()
+        if threading.current_thread() is threading.main_thread():  # else signals cannot be set
+            for signum in cls.SIGNALS:
+                request._previous[signum] = signal.signal(signum, request._handle)
+        return request
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt(f"signal {signum} (second)")
+        self.signum = signum
+        tqdm.write(f"signal {signum}: stopping after this step (again to abort without saving)")
+
+    def __bool__(self) -> bool:
+        return self.signum is not None
+
+    def uninstall(self) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+
+
+def _train(cfg: TrainConfig, ctx: DistContext, stop: StopRequest,
+           hook: Callable[[str, int, int], None] | None) -> TrainResult:
     torch.manual_seed(cfg.seed)
     if ctx.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -254,16 +400,21 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> TrainResult:
     patch = (cfg.patch,) * 3
     dataset = PatchDataset(
         train_cases, patch, length=cfg.iters_per_epoch * cfg.batch * ctx.world_size,
-        augment=nnunet_augmentations(3) if cfg.augment else None, seed=cfg.seed)
+        augment=nnunet_augmentations(3) if cfg.augment else None,
+        region_weights=foreground_region_weights(cfg, decomposition.regions), seed=cfg.seed)
 
     # ---- model, loss, optimiser, schedule
+    dropout = cfg.message_dropout if cfg.variant in GATE_SWITCHES else 0.0
     model_config = ModelConfig(decomposition=decomposition, width=cfg.width, norm=cfg.norm,
-                               variant=cfg.variant, patch_size=patch)
+                               variant=cfg.variant, patch_size=patch, message_dropout=dropout)
     model = build_model(model_config).to(ctx.device)
-    loss_fn = CIMLLoss(decomposition, beta=cfg.beta)
+    if cfg.init and not cfg.resume:
+        _load_initial_weights(model, model_config, cfg.init)
+    loss_fn = CIMLLoss(decomposition, beta=cfg.beta, weighting=cfg.region_weighting)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                  betas=(0.9, 0.999))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: poly_lr(e, cfg.epochs))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda e: lr_factor(e, cfg.epochs, cfg.warmup_epochs))
     start_epoch, start_step, best = 0, 0, -math.inf
     if cfg.resume:
         read_checkpoint_config(cfg.out / "latest")  # verifies the weights' hash
@@ -290,69 +441,106 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> TrainResult:
         save_checkpoint(cfg.out / name, model, model_config, info,
                         training_state=state if name == "latest" else None)
 
+    def recalibrate() -> None:
+        if cfg.bn_recalibration > 0:
+            recalibrate_batch_norm(model, recalibration_batches(
+                cfg, train_cases, ctx.device, cfg.bn_recalibration,
+                foreground_region_weights(cfg, decomposition.regions)))
+
     # ---- epochs
     t_start = time.time()
     log_path = cfg.out / "metrics.jsonl"
     epoch, done = start_epoch, start_step  # done: optimiser steps completed in this epoch
-    try:
-        for epoch in range(start_epoch, cfg.epochs):
-            sampler = DistributedSampler(dataset, shuffle=False) if ctx.enabled else range(len(dataset))
-            if ctx.enabled:
-                sampler.set_epoch(epoch)
-            dataset.set_epoch(epoch)
-            skip = start_step * cfg.batch if epoch == start_epoch else 0
-            loader = DataLoader(dataset, batch_size=cfg.batch,
-                                sampler=_SkipSampler(sampler, skip) if skip else sampler,
-                                num_workers=cfg.workers, pin_memory=ctx.device.type == "cuda",
-                                drop_last=True)
-            net.train()
-            sums: dict[str, float] = {}
-            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="it",
-                       disable=not ctx.is_main, initial=skip // cfg.batch,
-                       total=cfg.iters_per_epoch, dynamic_ncols=True)
-            done = skip // cfg.batch
-            for x, y in bar:
-                x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
-                with torch.autocast(ctx.device.type, dtype=torch.bfloat16,
-                                    enabled=ctx.device.type == "cuda"):
-                    output = net(x)
-                loss, parts = loss_fn(output, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                done += 1
-                for k, v in parts.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                bar.set_postfix(loss=f"{parts['total']:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-            n = max(cfg.iters_per_epoch - (skip // cfg.batch), 1)
-            record = {"epoch": epoch + 1, "lr": scheduler.get_last_lr()[0],
-                      **{k: v / n for k, v in sums.items()}, "time": round(time.time() - t_start, 1)}
-            scheduler.step()
-            if ctx.is_main and val_cases and ((epoch + 1) % cfg.val_every == 0
-                                              or epoch + 1 == cfg.epochs):
-                val = validate(runner, val_cases, ctx.device)
-                record["val_dice"] = val
-                record["val_mean_dice"] = float(np.mean(list(val.values())))
-                info.metrics = {"val_dice": val, "epoch": epoch + 1}
-                if record["val_mean_dice"] > best:
-                    best = record["val_mean_dice"]
-                    save("best", epoch + 1, 0)
-            if ctx.is_main:
-                with log_path.open("a") as fh:
-                    fh.write(json.dumps(record) + "\n")
-                save("latest", epoch + 1, 0)
-                remaining = (cfg.epochs - epoch - 1) * (time.time() - t_start) / (epoch + 1 - start_epoch)
-                tqdm.write(f"epoch {epoch + 1}: loss {record.get('total', float('nan')):.4f}"
-                           + (f", val Dice {record['val_dice']}" if "val_dice" in record else "")
-                           + f", ETA {remaining / 60:.1f} min")
-            barrier(ctx)
-    except KeyboardInterrupt:
+
+    def notify(event: str, epoch: int, step: int) -> None:
+        if hook is not None:
+            hook(event, epoch, step)
+
+    def stop_requested() -> bool:
+        """Whether any rank got a signal (all ranks must stop at the same step)."""
+        if not ctx.enabled:
+            return bool(stop)
+        flag = torch.tensor([float(bool(stop))], device=ctx.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def interrupted(epoch: int, step: int) -> TrainingInterrupted:
         if ctx.is_main:
-            save("latest", epoch, done)
+            save("latest", epoch, step)
             tqdm.write(f"interrupted: saved {cfg.out / 'latest'} at epoch {epoch + 1}, step "
-                       f"{done}; continue with --resume")
-        raise
+                       f"{step}; continue with --resume")
+        return TrainingInterrupted(f"signal {stop.signum}")
+
+    for epoch in range(start_epoch, cfg.epochs):
+        sampler = DistributedSampler(dataset, shuffle=False) if ctx.enabled else range(len(dataset))
+        if ctx.enabled:
+            sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
+        skip = start_step * cfg.batch if epoch == start_epoch else 0
+        # A generator of its own: the loader's seed draw must not advance the global RNG that
+        # the CIG sampling and message dropout use, or a resumed epoch would sample differently.
+        loader = DataLoader(dataset, batch_size=cfg.batch,
+                            sampler=_SkipSampler(sampler, skip) if skip else sampler,
+                            num_workers=cfg.workers, pin_memory=ctx.device.type == "cuda",
+                            drop_last=True,
+                            generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+        net.train()
+        loss_fn.beta = cfg.beta * beta_factor(epoch, cfg.beta_ramp_epochs)
+        sums: dict[str, float] = {}
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="it",
+                   disable=not ctx.is_main, initial=skip // cfg.batch,
+                   total=cfg.iters_per_epoch, dynamic_ncols=True)
+        done = skip // cfg.batch
+        if done < cfg.iters_per_epoch and stop_requested():
+            raise interrupted(epoch, done)
+        for x, y in bar:
+            x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
+            with torch.autocast(ctx.device.type, dtype=torch.bfloat16,
+                                enabled=ctx.device.type == "cuda"):
+                output = net(x)
+            loss, parts = loss_fn(output, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            done += 1
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v
+            bar.set_postfix(loss=f"{parts['total']:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            notify("step", epoch, done)
+            if done < cfg.iters_per_epoch and stop_requested():
+                bar.close()
+                raise interrupted(epoch, done)
+        n = max(cfg.iters_per_epoch - (skip // cfg.batch), 1)
+        record = {"epoch": epoch + 1, "lr": scheduler.get_last_lr()[0],
+                  **{k: v / n for k, v in sums.items()}, "time": round(time.time() - t_start, 1)}
+        scheduler.step()
+        if ctx.is_main and val_cases and ((epoch + 1) % cfg.val_every == 0
+                                          or epoch + 1 == cfg.epochs):
+            notify("validate", epoch, done)
+            recalibrate()
+            val = validate(runner, val_cases, ctx.device)
+            record["val_dice"] = val
+            record["val_mean_dice"] = float(np.mean(list(val.values())))
+            info.metrics = {"val_dice": val, "epoch": epoch + 1}
+            if record["val_mean_dice"] > best:
+                best = record["val_mean_dice"]
+                save("best", epoch + 1, 0)
+        if ctx.is_main:
+            with log_path.open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            save("latest", epoch + 1, 0)
+            notify("saved", epoch + 1, 0)
+            remaining = (cfg.epochs - epoch - 1) * (time.time() - t_start) / (epoch + 1 - start_epoch)
+            tqdm.write(f"epoch {epoch + 1}: loss {record.get('total', float('nan')):.4f}"
+                       + (f", val Dice {record['val_dice']}" if "val_dice" in record else "")
+                       + f", ETA {remaining / 60:.1f} min")
+        barrier(ctx)
+        if epoch + 1 < cfg.epochs and stop_requested():  # latest already holds this epoch
+            tqdm.write(f"interrupted after epoch {epoch + 1}: {cfg.out / 'latest'} saved; "
+                       "continue with --resume")
+            raise TrainingInterrupted(f"signal {stop.signum}")
     if ctx.is_main and not val_cases:  # fold -1: the final model is the best we have
+        recalibrate()
         save("best", cfg.epochs, 0)
     return TrainResult(cfg.out, model, cfg.epochs)
 

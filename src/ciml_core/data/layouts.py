@@ -23,6 +23,7 @@ A root may also be a single case folder of a per-case-folder layout.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 from dataclasses import dataclass, field
@@ -58,6 +59,88 @@ def canonical_modality(name: str) -> str:
     return MODALITY_ALIASES.get(key, key)
 
 
+_FILE_MODALITY = re.compile(
+    r"(?:^|[_\-. ])(?P<key>"
+    + "|".join(re.escape(k) for k in sorted(MODALITY_ALIASES, key=len, reverse=True))
+    + r")$",
+    re.IGNORECASE,
+)
+
+
+def modality_from_filename(path: str | Path) -> tuple[str, str] | None:
+    """(canonical modality, case prefix) from a file name such as ``Case_001_flair.nii.gz`` or
+    ``Case-001-t2f.nii.gz`` (the last ``_``/``-``/``.``-separated token names the modality);
+    None when the name does not end in a known modality name."""
+    stem = _strip_nifti(Path(path).name)
+    m = _FILE_MODALITY.search(stem)
+    if m is None:
+        return None
+    return canonical_modality(m["key"]), stem[: m.start()]
+
+
+#: Longest case id accepted (UTF-8 bytes): output names append up to ~50 characters to it and
+#: most file systems allow 255.
+MAX_CASE_ID_BYTES = 200
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def case_id_problem(case_id: object) -> str | None:
+    """Why ``case_id`` cannot name an output file (``<case_id>.nii.gz`` in ``--out``), or None.
+
+    A case id becomes a file name, so it may not be empty, hold a path separator or a control
+    character, be ``.``/``..``, start with ``.`` (hidden and temporary files), hold ``:``
+    (a drive or stream on Windows) or be longer than :data:`MAX_CASE_ID_BYTES`.
+    """
+    if not isinstance(case_id, str):
+        return f"is a {type(case_id).__name__}, not a string"
+    if not case_id.strip():
+        return "is empty"
+    if _CONTROL_CHARS.search(case_id):
+        return "holds a control character"
+    if "/" in case_id or "\\" in case_id:
+        return "holds a path separator"
+    if case_id in (".", ".."):
+        return "is a relative folder name"
+    if case_id.startswith("."):
+        return "starts with '.' (hidden and temporary files do)"
+    if ":" in case_id:
+        return "holds ':' (a drive or stream separator on Windows)"
+    if len(case_id.encode("utf-8", "surrogateescape")) > MAX_CASE_ID_BYTES:
+        return f"is longer than {MAX_CASE_ID_BYTES} bytes"
+    return None
+
+
+def check_case_id(case_id: object, where: str) -> str:
+    """Return ``case_id`` if it is a usable file name (see :func:`case_id_problem`), otherwise
+    raise InputDataError naming ``where`` it came from (a file, a manifest row, an option)."""
+    problem = case_id_problem(case_id)
+    if problem is not None:
+        raise InputDataError(
+            f"{where}: case id {case_id!r} {problem}; a case id names the output file "
+            "<case_id>.nii.gz, so it must be a plain file name (no '/', '\\', '..', ':' or "
+            "control characters)"
+        )
+    return case_id
+
+
+def check_unique_case_ids(cases: list[CaseFiles], where: str | Path) -> None:
+    """Two cases with one id would write one output file: InputDataError naming both."""
+    seen: dict[str, CaseFiles] = {}
+    for case in cases:
+        other = seen.get(case.case_id)
+        if other is not None:
+            raise InputDataError(
+                f"{where}: two cases have the id {case.case_id!r} ({_case_source(other)} and "
+                f"{_case_source(case)}); case ids name the output files, so they must be unique"
+            )
+        seen[case.case_id] = case
+
+
+def _case_source(case: CaseFiles) -> str:
+    first = next(iter(case.images.values()), None) or case.label
+    return str(first) if first is not None else case.case_id
+
+
 @dataclass(frozen=True)
 class CaseFiles:
     """The files of one case: canonical modality name -> image file, plus an optional label."""
@@ -77,7 +160,10 @@ def _strip_nifti(name: str) -> str:
 
 
 def _nifti_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and is_nifti_path(p))
+    """The NIfTI files directly in ``folder``; hidden ones (``.name``: macOS ``._`` resource
+    forks, temporary files of an interrupted write) are not part of a dataset."""
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and is_nifti_path(p) and not p.name.startswith("."))
 
 
 # -- per-case-folder layouts: a pattern that splits a file name into (case, key) -----------------
@@ -91,34 +177,60 @@ _SUFFIX_LAYOUTS = {
 _AUTOPET_FILES = {"ctres": "ct", "suv": "pet"}
 
 
+def _put_once(found: dict[str, Path], key: str, path: Path, where: Path, what: str) -> None:
+    """``found[key] = path``, refusing a second file for the same key (naming both files)."""
+    if key in found:
+        raise InputDataError(
+            f"{where}: two files for {what}: {found[key].name} and {path.name}; keep one"
+        )
+    found[key] = path
+
+
 def _case_from_folder(folder: Path, layout: str) -> CaseFiles | None:
-    """Read one case folder; None when it holds no file of this layout."""
+    """Read one case folder; None when it holds no file of this layout.
+
+    Raises:
+        InputDataError: the folder holds files of two cases (a stray file of another case), or
+            two files for one modality; both files are named.
+    """
     files = _nifti_files(folder)
     if layout == "autopet":
-        found = {_strip_nifti(p.name).lower(): p for p in files}
+        found: dict[str, Path] = {}
+        for p in files:
+            key = _strip_nifti(p.name).lower()
+            if key in (*_AUTOPET_FILES, "seg"):
+                _put_once(found, key, p, folder, key.upper())
         if not set(_AUTOPET_FILES) & set(found):
             return None
         images = {mod: found[key] for key, mod in _AUTOPET_FILES.items() if key in found}
-        return CaseFiles(folder.name, images, found.get("seg"), layout)
+        case_id = folder.resolve().name  # "." -> the folder's real name
+        check_case_id(case_id, str(folder))
+        return CaseFiles(case_id, images, found.get("seg"), layout)
     pattern, keys, label_key = _SUFFIX_LAYOUTS[layout]
-    images: dict[str, Path] = {}
-    label = None
-    case_id = None
+    found = {}
+    case_id = first = None
     for p in files:
         m = re.match(pattern, _strip_nifti(p.name), flags=re.IGNORECASE)
         if not m:
             continue
-        case_id = case_id or m["case"]
+        if case_id is None:
+            case_id, first = m["case"], p
+        elif m["case"] != case_id:
+            raise InputDataError(
+                f"{folder}: files of two cases in one case folder: {first.name} (case "
+                f"{case_id!r}) and {p.name} (case {m['case']!r}); a case folder holds the files "
+                "of one case, move or remove the other"
+            )
         key = m["key"].lower()
-        if key == label_key:
-            label = p
-        else:
-            images[canonical_modality(key)] = p
+        name = "the label" if key == label_key else f"modality {canonical_modality(key)}"
+        _put_once(found, label_key if key == label_key else canonical_modality(key), p, folder,
+                  name)
     if case_id is None:
         return None
+    check_case_id(case_id, str(first))
     order = [canonical_modality(k) for k in keys]
-    images = {mod: images[mod] for mod in order if mod in images}
-    return CaseFiles(case_id, images, label, layout)
+    images = {mod: found[mod] for mod in order if mod in found}
+    return CaseFiles(case_id, images, found.get(label_key), layout)
 
 
 def _discover_case_folders(root: Path, layout: str) -> list[CaseFiles]:
@@ -160,7 +272,9 @@ def _discover_nnunet(root: Path) -> list[CaseFiles]:
                 f"{p}: channel {ch:04d} is not listed in {meta_path} "
                 f"(channels {sorted(channel_to_modality)})"
             )
-        by_case.setdefault(m["case"], {})[channel_to_modality[ch]] = p
+        check_case_id(m["case"], str(p))
+        _put_once(by_case.setdefault(m["case"], {}), channel_to_modality[ch], p, images_dir,
+                  f"case {m['case']!r} channel {ch:04d}")
     cases = []
     for case_id, images in sorted(by_case.items()):
         ordered = {channel_to_modality[c]: images[channel_to_modality[c]]
@@ -179,7 +293,9 @@ def _discover_hecktor(root: Path) -> list[CaseFiles]:
         for p in _nifti_files(folder):
             m = re.match(r"^(?P<case>.+)__(?P<key>CT|PT)$", _strip_nifti(p.name), re.IGNORECASE)
             if m:
-                by_case.setdefault(m["case"], {})[canonical_modality(m["key"])] = p
+                check_case_id(m["case"], str(p))
+                _put_once(by_case.setdefault(m["case"], {}), canonical_modality(m["key"]), p,
+                          folder, f"case {m['case']!r} {m['key'].upper()}")
     cases = []
     for case_id, images in sorted(by_case.items()):
         ordered = {mod: images[mod] for mod in ("ct", "pet") if mod in images}
@@ -193,42 +309,111 @@ _MANIFEST_ID_COLUMNS = ("case_id", "case")
 _MANIFEST_LABEL_COLUMNS = ("label", "seg")
 
 
-def _discover_manifest(path: Path) -> list[CaseFiles]:
+def _manifest_column_role(column: str) -> str:
+    """What a manifest column holds: "case_id", "label" or a canonical modality name."""
+    if column in _MANIFEST_ID_COLUMNS:
+        return "case_id"
+    if column in _MANIFEST_LABEL_COLUMNS:
+        return "label"
+    return canonical_modality(column)
+
+
+def _check_manifest_columns(path: Path, columns: list, where: str) -> None:
+    """Unknown columns, and two columns for one thing (``flair`` and ``t2f``), are errors."""
+    allowed = set(_MANIFEST_ID_COLUMNS) | set(_MANIFEST_LABEL_COLUMNS) | set(MODALITY_ALIASES)
+    unknown = sorted(str(k) for k in columns
+                     if not isinstance(k, str) or k.strip().lower() not in allowed)
+    if unknown:
+        raise InputDataError(
+            f"{path}: unknown column(s) {unknown}{where}; expected modality columns "
+            f"{list(KNOWN_MODALITIES)} (or their aliases), optional 'case_id' and 'label'"
+        )
+    roles: dict[str, str] = {}
+    for column in columns:
+        role = _manifest_column_role(column.strip().lower())
+        if role in roles:
+            what = role if role in ("case_id", "label") else f"modality {role}"
+            raise InputDataError(
+                f"{path}: columns {roles[role]!r} and {column!r}{where} both give the {what}; "
+                "keep one"
+            )
+        roles[role] = column
+
+
+def _read_manifest_rows(path: Path) -> list[tuple[str, dict]]:
+    """(where, row) pairs of a JSON or CSV manifest; ``where`` names the row for messages."""
     try:
+        # utf-8-sig: a byte-order mark (Excel writes one) is not part of the first column name.
+        text = path.read_text(encoding="utf-8-sig")
         if path.suffix.lower() == ".json":
-            rows = json.loads(path.read_text())
-            if isinstance(rows, dict):
-                rows = rows.get("cases", rows)
-            if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            data = json.loads(text)
+            if isinstance(data, dict):
+                data = data.get("cases", data)
+            if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
                 raise InputDataError(
                     f"{path}: expected a JSON list of objects (one per case), or {{'cases': [...]}}"
                 )
-        else:
-            with path.open(newline="") as fh:
-                rows = list(csv.DictReader(fh))
+            return [(f"entry {i + 1}", row) for i, row in enumerate(data)]
+        reader = csv.reader(io.StringIO(text, newline=""))
+        header = None
+        rows = []
+        for fields in reader:
+            if not any(f.strip() for f in fields):
+                continue  # blank line
+            if header is None:
+                header = fields
+                if len(set(h.strip().lower() for h in header)) != len(header):
+                    dup = sorted({h for h in header
+                                  if [x.strip().lower() for x in header].count(h.strip().lower()) > 1})
+                    raise InputDataError(f"{path}: column(s) {dup} appear twice in the header")
+                continue
+            where = f"row {len(rows) + 1} (line {reader.line_num})"
+            if len(fields) != len(header):
+                raise InputDataError(
+                    f"{path}: {where} has {len(fields)} field(s), the header has {len(header)} "
+                    f"({', '.join(header)}); every row needs one value per column"
+                )
+            rows.append((where, dict(zip(header, fields, strict=True))))
+        return rows
     except (OSError, json.JSONDecodeError, csv.Error, UnicodeDecodeError) as err:
         raise InputDataError(f"{path}: cannot read manifest ({err})") from err
+
+
+def _discover_manifest(path: Path) -> list[CaseFiles]:
+    rows = _read_manifest_rows(path)
     if not rows:
         raise InputDataError(f"{path}: manifest has no rows")
-    allowed = set(_MANIFEST_ID_COLUMNS) | set(_MANIFEST_LABEL_COLUMNS) | set(MODALITY_ALIASES)
     cases = []
-    for i, row in enumerate(rows):
-        unknown = sorted(k for k in row if k is None or k.strip().lower() not in allowed)
-        if unknown:
+    row_of: dict[str, str] = {}
+    for i, (where, row) in enumerate(rows):
+        _check_manifest_columns(path, list(row), f" in {where}" if path.suffix.lower() == ".json"
+                                else "")
+        norm = {}
+        for k, v in row.items():
+            if v is not None and not isinstance(v, str | int | float) or isinstance(v, bool):
+                raise InputDataError(f"{path}: {where}, column {k!r}: expected a file path or "
+                                     f"name, got {json.dumps(v)}")
+            norm[_manifest_column_role(k.strip().lower())] = "" if v is None else str(v).strip()
+        case_id = norm.get("case_id") or f"case_{i:04d}"
+        check_case_id(case_id, f"{path}: {where}")
+        if case_id in row_of:
             raise InputDataError(
-                f"{path}: unknown column(s) {unknown}; expected modality columns "
-                f"{list(KNOWN_MODALITIES)} (or their aliases), optional 'case_id' and 'label'"
+                f"{path}: {row_of[case_id]} and {where} both have case id {case_id!r}; case ids "
+                "name the output files, so they must be unique"
             )
-        norm = {k.strip().lower(): (str(v).strip() if v is not None else "") for k, v in row.items()}
-        case_id = next((norm[c] for c in _MANIFEST_ID_COLUMNS if norm.get(c)), f"case_{i:04d}")
-        label_value = next((norm[c] for c in _MANIFEST_LABEL_COLUMNS if norm.get(c)), "")
-        images = {
-            canonical_modality(k): (path.parent / v) for k, v in norm.items()
-            if k not in _MANIFEST_ID_COLUMNS + _MANIFEST_LABEL_COLUMNS and v
-        }
+        row_of[case_id] = where
+        images = {k: path.parent / v for k, v in norm.items() if k not in ("case_id", "label") and v}
         if not images:
-            raise InputDataError(f"{path}: row {i + 1} ({case_id}) names no image file")
-        label = (path.parent / label_value) if label_value else None
+            raise InputDataError(f"{path}: {where} ({case_id}) names no image file")
+        label = (path.parent / norm["label"]) if norm.get("label") else None
+        files = list(images.items()) + ([("label", label)] if label is not None else [])
+        for a in range(len(files)):
+            for b in range(a + 1, len(files)):
+                if files[a][1] == files[b][1]:
+                    raise InputDataError(
+                        f"{path}: {where} ({case_id}) uses the file {files[a][1]} for both "
+                        f"{files[a][0]} and {files[b][0]}; each needs its own file"
+                    )
         cases.append(CaseFiles(case_id, images, label, "manifest"))
     return cases
 
@@ -287,4 +472,5 @@ def discover_cases(root: str | Path, layout: str = "auto") -> list[CaseFiles]:
         cases = _discover_case_folders(root, layout)
     if not cases:
         raise InputDataError(f"{root}: no case of layout {layout!r} found")
+    check_unique_case_ids(cases, root)
     return cases

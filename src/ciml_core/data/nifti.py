@@ -10,8 +10,8 @@ on top of its input in any viewer with exactly the input's affine.
 from __future__ import annotations
 
 import gzip
+import math
 import os
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,11 +27,18 @@ from nibabel.orientations import (
 )
 
 from ciml_core.errors import GeometryError, InputDataError
+from ciml_core.io import write_file
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 CANONICAL_ORNT = axcodes2ornt(("R", "A", "S"))
 #: Largest difference (mm) tolerated between the affines of the modalities of one case.
 AFFINE_TOLERANCE_MM = 1e-3
+#: Deflate cannot compress better than about 1032:1, so a .nii.gz file of n bytes holds at most
+#: this many times n bytes of voxel data (with margin); a header claiming more is corrupt.
+GZIP_MAX_RATIO = 1100
+#: Bytes per voxel a loaded volume may take in memory at once (scaled float64 data, the
+#: reoriented copy and the float32 channel): the claimed size is checked against this first.
+_BYTES_PER_VOXEL_IN_MEMORY = 20
 
 
 def is_nifti_path(path: str | os.PathLike) -> bool:
@@ -115,13 +122,24 @@ def load_volume(path: str | os.PathLike, *, allow_empty: bool = True) -> Volume:
         raise InputDataError(f"{path}: not a NIfTI file (expected a .nii or .nii.gz file)")
     try:
         img = nib.load(str(path))
+        if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+            raise InputDataError(f"{path}: not a NIfTI-1/2 image (got {type(img).__name__})")
+        stored = img.get_data_dtype()
+        if stored.kind not in "biuf":
+            raise InputDataError(f"{path}: voxel type {stored} is not a real number type; "
+                                 "expected integer or floating-point intensities")
+        check_claimed_size(path, img)  # before allocating anything the header asks for
         raw = np.asanyarray(img.dataobj)
-    except (nib.filebasedimages.ImageFileError, gzip.BadGzipFile, zlib.error) as err:
+    except InputDataError:
+        raise
+    except (nib.filebasedimages.ImageFileError, gzip.BadGzipFile, zlib.error,
+            nib.spatialimages.HeaderDataError, nib.spatialimages.ImageDataError) as err:
         raise InputDataError(f"{path}: not a readable NIfTI file ({err})") from err
     except (EOFError, OSError, ValueError) as err:
         raise InputDataError(f"{path}: file is truncated or corrupt ({err})") from err
-    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
-        raise InputDataError(f"{path}: not a NIfTI-1/2 image (got {type(img).__name__})")
+    except MemoryError as err:
+        raise InputDataError(f"{path}: the volume its header describes ({img.shape}) does not "
+                             "fit in memory") from err
 
     raw = _squeeze_to_3d(raw, path)
     if np.issubdtype(raw.dtype, np.floating):
@@ -130,10 +148,24 @@ def load_volume(path: str | os.PathLike, *, allow_empty: bool = True) -> Volume:
             raise InputDataError(
                 f"{path}: {int(bad.sum())} voxel(s) are NaN or Inf; expected finite intensities"
             )
+        peak = float(np.abs(raw).max()) if raw.size else 0.0
+        if peak > float(np.finfo(np.float32).max):
+            slope, _ = img.header.get_slope_inter()
+            raise InputDataError(
+                f"{path}: intensities reach {peak:.3g} (header scl_slope {slope}), beyond the "
+                f"float32 range ({np.finfo(np.float32).max:.3g}) the model computes in; expected "
+                "a plausible scale slope / intensity range"
+            )
     if not allow_empty and not np.any(raw):
         raise InputDataError(f"{path}: every voxel is zero; expected a non-empty image")
 
     affine = np.asarray(img.affine, dtype=np.float64)
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise GeometryError(
+            f"{path}: the affine (sform/qform) {affine[:3].tolist()} is "
+            f"{'not finite' if not np.all(np.isfinite(affine)) else 'singular'}; expected a "
+            "voxel-to-world transform with non-zero voxel sizes"
+        )
     source = NiftiSource(
         path=path,
         affine=affine,
@@ -143,6 +175,58 @@ def load_volume(path: str | os.PathLike, *, allow_empty: bool = True) -> Volume:
     )
     data = apply_orientation(raw, source.to_canonical)
     return Volume(data=np.ascontiguousarray(data), source=source)
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux MemAvailable), None when unknown."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_claimed_size(path: Path, img: nib.Nifti1Image) -> None:
+    """Refuse a header whose claimed volume the file cannot hold, or memory cannot take, before
+    anything is allocated (a 100-byte file may claim a 4000^3 volume).
+
+    Raises:
+        InputDataError: naming the file, the claimed shape and the limit.
+    """
+    shape = tuple(int(s) for s in img.header.get_data_shape())
+    if any(s < 0 for s in shape):
+        raise InputDataError(f"{path}: header claims a negative dimension {shape}")
+    voxels = math.prod(shape)
+    itemsize = img.header.get_data_dtype().itemsize
+    claimed = voxels * itemsize
+    size = path.stat().st_size
+    if str(path).lower().endswith(".gz"):
+        if claimed > size * GZIP_MAX_RATIO + (1 << 20):
+            raise InputDataError(
+                f"{path}: header claims a {'x'.join(map(str, shape))} volume ({claimed:,} bytes), "
+                f"more than a {size:,}-byte gzip file can hold; the file is truncated or corrupt"
+            )
+    else:
+        offset = int(img.header.get("vox_offset", 0) or 0)
+        if offset + claimed > size:
+            raise InputDataError(
+                f"{path}: header claims a {'x'.join(map(str, shape))} volume ({claimed:,} bytes "
+                f"from offset {offset}) but the file holds {size:,} bytes; the file is truncated "
+                "or corrupt"
+            )
+    available = _available_memory()
+    needed = voxels * max(itemsize, _BYTES_PER_VOXEL_IN_MEMORY)
+    if available is not None and needed > available:
+        raise InputDataError(
+            f"{path}: header claims a {'x'.join(map(str, shape))} volume, which would need about "
+            f"{needed / 2**30:.1f} GiB of memory; {available / 2**30:.1f} GiB are available"
+        )
 
 
 def check_same_grid(volumes: dict[str, Volume]) -> None:
@@ -166,25 +250,11 @@ def check_same_grid(volumes: dict[str, Volume]) -> None:
 
 
 def atomic_save(img: nib.Nifti1Image, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Write ``img`` to ``path`` through a temporary file in the same folder and a rename.
-
-    A reader never sees a half-written file, and an existing file is only replaced when asked.
-    """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists (pass overwrite=True / --overwrite to replace it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``img`` to ``path`` atomically (:func:`ciml_core.io.write_file`): a reader never sees
+    a half-written file, and an existing file is only replaced when asked; without
+    ``overwrite`` the refusal is atomic even against a concurrent writer (FileExistsError)."""
     suffix = ".nii.gz" if str(path).lower().endswith(".gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; an output is an ordinary shared file
-    try:
-        nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_file(path, lambda tmp: nib.save(img, str(tmp)), overwrite=overwrite, suffix=suffix)
 
 
 def write_like(

@@ -4,7 +4,7 @@
 the run's cache with a sample of foreground voxel coordinates per region, so workers only
 memory-load arrays. :class:`PatchDataset` draws ``length`` patches per epoch; a third (by
 default) are centred on a foreground voxel of a randomly chosen region (nnU-Net's
-oversampling), the rest anywhere in the volume. Each patch's randomness is seeded by
+oversampling; regions drawn uniformly or by ``region_weights``), the rest anywhere in the volume. Each patch's randomness is seeded by
 (seed, epoch, index), so runs and resumes are reproducible and DDP ranks draw different patches.
 """
 
@@ -125,11 +125,16 @@ class PatchDataset(Dataset):
         length: int,
         *,
         foreground_fraction: float = 1 / 3,
+        region_weights: Sequence[float] | None = None,
         augment=None,
         seed: int = 0,
     ) -> None:
         if not cases:
             raise ConfigError("no training case to draw patches from")
+        if region_weights is not None and (any(w < 0 for w in region_weights)
+                                           or sum(region_weights) <= 0):
+            raise ConfigError(f"region weights {list(region_weights)}: must be >= 0, not all 0")
+        self.region_weights = None if region_weights is None else [float(w) for w in region_weights]
         self.cases = list(cases)
         self.patch_size = tuple(int(p) for p in patch_size)
         self.length = int(length)
@@ -156,9 +161,19 @@ class PatchDataset(Dataset):
         image, regions, coords = self._case(int(rng.integers(len(self.cases))))
         centre = None
         if rng.random() < self.foreground_fraction:
-            present = [c for c in coords if len(c)]
+            present = [i for i, c in enumerate(coords) if len(c)]
+            if self.region_weights is not None:
+                if len(self.region_weights) != len(coords):
+                    raise ConfigError(f"{len(self.region_weights)} region weights for "
+                                      f"{len(coords)} regions")
+                present = [i for i in present if self.region_weights[i] > 0]
             if present:
-                pool = present[int(rng.integers(len(present)))]
+                if self.region_weights is None:  # uniform over the regions the case has
+                    pick = present[int(rng.integers(len(present)))]
+                else:
+                    w = np.array([self.region_weights[i] for i in present])
+                    pick = present[int(rng.choice(len(present), p=w / w.sum()))]
+                pool = coords[pick]
                 centre = pool[int(rng.integers(len(pool)))]
         start = _patch_start(rng, image.shape[1:], self.patch_size, centre)
         x = extract_patch(image, start, self.patch_size)

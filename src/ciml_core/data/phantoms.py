@@ -33,6 +33,7 @@ from scipy import ndimage
 
 from ciml_core.data.nifti import atomic_save
 from ciml_core.errors import ConfigError
+from ciml_core.io import already_exists_message
 
 KINDS = ("brats", "shapes", "petct")
 BRATS_MODALITIES = ("flair", "t1", "t1ce", "t2")
@@ -686,8 +687,7 @@ def write_phantom_dataset(
             for pattern in LAYOUTS[kind].values():
                 path = out / case_id / pattern.format(id=case_id)
                 if path.exists():
-                    raise FileExistsError(
-                        f"{path} already exists (pass overwrite=True / --overwrite to replace it)")
+                    raise FileExistsError(already_exists_message(path))
 
     folders = []
     for s in seeds:

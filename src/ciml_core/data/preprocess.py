@@ -66,11 +66,17 @@ def uncrop(array: np.ndarray, box: CropBox, fill: float = 0) -> np.ndarray:
 
 
 def _zscore(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    values = x[mask]
+    # Statistics in float64: the squares of float32 intensities above ~1e19 overflow float32
+    # (an int16 file with a large scl_slope), which made every voxel NaN and the mask empty.
+    values = x[mask].astype(np.float64)
     if values.size == 0:
         return np.zeros_like(x, dtype=np.float32)
+    mean = float(values.mean())
     std = float(values.std())
-    return ((x - float(values.mean())) / max(std, 1e-8)).astype(np.float32)
+    if not (np.isfinite(mean) and np.isfinite(std)):
+        raise InputDataError(f"intensity statistics are not finite (mean {mean}, std {std}); "
+                             "expected intensities within the float32 range")
+    return ((x.astype(np.float64) - mean) / max(std, 1e-8)).astype(np.float32)
 
 
 def normalize_mri(x: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from ciml_core.errors import ConfigError, InputDataError
+from ciml_core.io import atomic_write_text
 
 
 def make_splits(case_ids: Sequence[str], folds: int = 5, seed: int = 12345) -> list[dict[str, list[str]]]:
@@ -34,7 +34,16 @@ def make_splits(case_ids: Sequence[str], folds: int = 5, seed: int = 12345) -> l
 def load_or_make_splits(path: Path, case_ids: Sequence[str], folds: int = 5) -> list[dict]:
     """Read ``splits.json`` if it exists (checking it covers ``case_ids``), else create it."""
     if path.is_file():
-        splits = json.loads(path.read_text())
+        try:
+            splits = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise InputDataError(f"{path}: not readable JSON ({err}); delete the file to "
+                                 "re-split") from err
+        if not isinstance(splits, list) or not all(
+                isinstance(s, dict) and all(isinstance(s.get(p), list) for p in ("train", "val"))
+                for s in splits):
+            raise InputDataError(f"{path}: expected a list of {{'train': [...], 'val': [...]}} "
+                                 "folds; delete the file to re-split")
         known = {c for s in splits for part in ("train", "val") for c in s[part]}
         unknown = sorted(set(case_ids) - known)
         if unknown:
@@ -44,10 +53,7 @@ def load_or_make_splits(path: Path, case_ids: Sequence[str], folds: int = 5) -> 
             )
         return splits
     splits = make_splits(case_ids, folds)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(splits, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(splits, indent=2) + "\n", overwrite=True)
     return splits
 
 

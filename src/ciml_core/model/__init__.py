@@ -12,6 +12,7 @@ from ciml_core.model.build import (
     flop_matched_width,
     window_flops,
 )
+from ciml_core.model.calibration import recalibrate_batch_norm
 from ciml_core.model.cig import (
     ComplementaryInformationGate,
     CrossModalAttention,
@@ -47,5 +48,6 @@ __all__ = [
     "flop_matched_width",
     "kl_to_standard_normal",
     "probabilities_to_region_masks",
+    "recalibrate_batch_norm",
     "window_flops",
 ]

@@ -40,6 +40,7 @@ class CIMLNetwork(nn.Module):
                 spatial_dims=config.spatial_dims,
                 norm=config.norm,
                 dilation=config.dilation,
+                message_dropout=config.message_dropout,
             )
             for task in decomposition.tasks
         )

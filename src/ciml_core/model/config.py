@@ -57,6 +57,8 @@ class ModelConfig:
         patch_size: training / sliding-window patch; each entry a multiple of 16.
             ``None`` means 64 per axis.
         complementary_channels: channels of the complementary map ("shapecomposition" only).
+        message_dropout: training-time probability of zeroing a sample's complementary
+            representations in a segmentor (CIML variants with messages; see ``Segmentor``).
     """
 
     decomposition: TaskDecomposition = field(default_factory=TaskDecomposition.brats)
@@ -68,6 +70,7 @@ class ModelConfig:
     dilation: int = 1
     patch_size: tuple[int, ...] | None = None
     complementary_channels: int = 1
+    message_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         if self.spatial_dims not in (2, 3) or not _is_int(self.spatial_dims):
@@ -93,6 +96,11 @@ class ModelConfig:
         if self.variant not in VARIANTS:
             raise ConfigError(
                 f"ModelConfig.variant must be one of {VARIANTS}, got {self.variant!r}"
+            )
+        dropout = self.message_dropout
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ConfigError(
+                f"ModelConfig.message_dropout must be a number in [0, 1), got {dropout!r}"
             )
         if not isinstance(self.detach_messages, bool):
             raise ConfigError(

@@ -9,47 +9,70 @@ from torch import Tensor, nn
 from ciml_core.model.decomposition import TaskDecomposition
 from ciml_core.model.interface import CIMLOutput
 
+#: How the (head, region) Dice + BCE terms are weighted (docs/method.md, "Loss weights").
+#: "region": every region weighs 1 in total, split equally over the heads that predict it.
+#: "head": every head weighs 1, split equally over its regions (the paper's per-segmentor sum;
+#: with the BraTS decomposition WT weighs 1.5, TC 2.0 and ET only 0.5).
+REGION_WEIGHTINGS = ("region", "head")
+
+
+def term_weights(decomposition: TaskDecomposition, weighting: str) -> list[list[float]]:
+    """``weights[head][j]``: the weight of head ``head``'s j-th region's Dice + BCE term."""
+    if weighting not in REGION_WEIGHTINGS:
+        raise ValueError(f"region weighting must be one of {REGION_WEIGHTINGS}, got {weighting!r}")
+    tasks = decomposition.tasks
+    if weighting == "head":
+        return [[1.0 / len(t.regions)] * len(t.regions) for t in tasks]
+    heads_per_region = {r: sum(r in t.regions for t in tasks) for r in decomposition.regions}
+    return [[1.0 / heads_per_region[r] for r in t.regions] for t in tasks]
+
 
 class CIMLLoss(nn.Module):
-    """Sum over output heads of ``Dice + BCE-with-logits + beta * KL``.
+    """Weighted sum over (head, region) of ``Dice + BCE-with-logits``, plus ``beta * KL``.
 
-    - Dice: MONAI ``DiceLoss(sigmoid=True, batch=True)``, one Dice per region (not a softmax over
-      classes: regions overlap), averaged over the head's regions. ``batch=True`` pools the voxels
-      of the whole batch per region, as nnU-Net's batch Dice, so that a patch without tumour does
-      not give a Dice of ~0 for an otherwise perfect prediction.
-    - BCE: mean over every voxel of every region of the head.
-    - KL: the head's ``output.kl`` entry, already a mean (batch, channels, voxels, messages,
-      levels), so it does not grow with the patch size, the width or K and beta means the same
-      thing for every configuration.
+    - Dice: MONAI ``DiceLoss(sigmoid=True, batch=True)`` per region (not a softmax over classes:
+      regions overlap). ``batch=True`` pools the voxels of the whole batch per region, as nnU-Net's
+      batch Dice, so that a patch without tumour does not give a Dice of ~0 for an otherwise
+      perfect prediction.
+    - BCE: mean over every voxel of the region.
+    - Weights: :func:`term_weights` with ``weighting`` (:data:`REGION_WEIGHTINGS`).
+    - KL: the sum over heads of ``output.kl``, each already a mean (batch, channels, voxels,
+      messages, levels), so it does not grow with the patch size, the width or K and beta means
+      the same thing for every configuration.
 
     ``targets`` are region masks ``[B, R, *spatial]`` in ``decomposition.regions`` order; each head
-    is compared with the channels of the regions it predicts.
+    is compared with the channels of the regions it predicts. ``beta`` may be changed between
+    steps (the beta ramp of ``ciml_core.train``).
     """
 
-    def __init__(self, decomposition: TaskDecomposition, beta: float = 0.5) -> None:
+    def __init__(self, decomposition: TaskDecomposition, beta: float = 0.5,
+                 weighting: str = "region") -> None:
         super().__init__()
         if beta < 0:
             raise ValueError(f"beta must be >= 0, got {beta}")
         self.regions = decomposition.regions
         self.beta = beta
+        self.weights = term_weights(decomposition, weighting)
         self.dice = DiceLoss(sigmoid=True, batch=True)
         self.bce = nn.BCEWithLogitsLoss()
 
     def forward(self, output: CIMLOutput, targets: Tensor) -> tuple[Tensor, dict[str, float]]:
-        """Return (total loss, components) with components ``dice``, ``bce``, ``kl`` (unweighted,
-        summed over heads) and ``total``, as floats for logging."""
+        """Return (total loss, components) with components ``dice``, ``bce`` (weighted sums),
+        ``kl`` (unweighted, summed over heads) and ``total``, as floats for logging."""
         if targets.shape[1] != len(self.regions):
             raise ValueError(
                 f"targets have {targets.shape[1]} channels; expected one per region {list(self.regions)}"
             )
         targets = targets.float()
         dice = bce = targets.new_zeros(())
-        for logits, regions in zip(output.logits, output.task_regions, strict=True):
-            target = targets[:, [self.regions.index(r) for r in regions]]
+        for logits, regions, weights in zip(output.logits, output.task_regions, self.weights,
+                                            strict=True):
             # float32: bf16 (autocast) sums over a whole patch would lose the Dice's precision.
             logits = logits.float()
-            dice = dice + self.dice(logits, target)
-            bce = bce + self.bce(logits, target)
+            for j, (region, weight) in enumerate(zip(regions, weights, strict=True)):
+                target = targets[:, self.regions.index(region)][:, None]
+                dice = dice + weight * self.dice(logits[:, j:j + 1], target)
+                bce = bce + weight * self.bce(logits[:, j:j + 1], target)
         kl = output.kl.sum()
         total = dice + bce + self.beta * kl
         # One device sync for all four numbers rather than one per .item().

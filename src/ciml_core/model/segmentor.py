@@ -26,6 +26,10 @@ class Segmentor(nn.Module):
         num_messages: K; ignored when ``gates`` is None.
         gates: CIG switches, or None for the "baseline" ablation: no CIG, no c_s, so the decoder's
             fuse convs are narrower (Table 1 widths minus the c_s channels).
+        message_dropout: in training, the probability that a sample's complementary
+            representations (c_s at every level) are replaced by zeros, so that the segmentor
+            must also predict from its own modality alone (docs/method.md, "Message dropout").
+            No effect in eval mode; no rescaling (eval sees c_s as training does when kept).
     """
 
     def __init__(
@@ -39,8 +43,12 @@ class Segmentor(nn.Module):
         spatial_dims: int,
         norm: str,
         dilation: int = 1,
+        message_dropout: float = 0.0,
     ) -> None:
         super().__init__()
+        self.message_dropout = message_dropout
+        #: Analysis switch (``ciml_core.reliance``): run with every c_s replaced by zeros.
+        self.messages_off = False
         dims = {"spatial_dims": spatial_dims, "norm": norm}
         self.encoder = MessageGenerator(in_channels, width, dilation=dilation, **dims)
         levels = range(1, NUM_LEVELS + 1)
@@ -76,4 +84,12 @@ class Segmentor(nn.Module):
             complementary, level_kl = gate(features[level], [m[level] for m in messages])
             sides.append(complementary)
             kl = kl + level_kl
+        if self.messages_off:
+            sides = [None] + [torch.zeros_like(side) for side in sides[1:]]
+        elif self.training and self.message_dropout > 0:
+            batch = features[0].shape[0]
+            keep = torch.rand(batch, device=features[0].device) >= self.message_dropout
+            sides = [None] + [
+                side * keep.view(-1, *(1,) * (side.dim() - 1)).to(side.dtype) for side in sides[1:]
+            ]
         return self.decoder(features, sides), kl / NUM_LEVELS

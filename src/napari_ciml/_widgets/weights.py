@@ -20,6 +20,7 @@ from matplotlib.patches import Patch
 from qtpy.QtWidgets import QFileDialog, QHBoxLayout, QLabel, QPushButton, QVBoxLayout
 
 from ciml_core.explain import weights_table
+from ciml_core.figures import pair_label
 from napari_ciml._widgets._common import CimlWidget, notify_error, notify_info
 
 #: Bar colour per auxiliary modality (stable across pairs and runs; readable on dark and light).
@@ -114,7 +115,7 @@ class WeightsWidget(CimlWidget):
             ax.bar(xs, heights, width * 0.92, label=e.name,
                    color=[_color(a, order) for a in e.auxiliary], edgecolor=colors["background"])
         ax.set_xticks(range(len(self.explanations)))
-        ax.set_xticklabels([e.name for e in self.explanations], rotation=0, fontsize=8)
+        ax.set_xticklabels([pair_label(e) for e in self.explanations], rotation=0, fontsize=8)
         ax.set_xlabel("pair (primary modality : region)", color=colors["text"], fontsize=9)
         title = "Complementary-information weights"
         ax.set_title(f"{title} — {case_id}" if case_id else title, color=colors["text"],

@@ -1,23 +1,29 @@
 """A radiologist's review of one segmented case: metrics, the saved mask and the review log.
 
-The napari plugin's Review widget is a thin layer over this module (and so is anything else that
+The napari plugin's Review widgets are thin layers over this module (and so is anything else that
 wants to record a review), so that the rules live in one place and are tested without a GUI:
 
 - the reviewed label volume is written with the source image's affine and header
   (:func:`ciml_core.data.nifti.write_like`) as ``<out>/<case_id>.nii.gz`` (the name
   ``ciml-core evaluate`` pairs with a reference), never over an input file and never inside an
-  input case folder, and only over an earlier output when asked;
+  input case folder, and only over an earlier output when asked. Without ``overwrite`` the
+  refusal is atomic (:func:`ciml_core.io.publish`: a hard link that fails when the name exists),
+  so of two reviewers saving the same case into one folder at the same moment exactly one
+  succeeds and the other gets ``FileExistsError``;
 - its label values must belong to the label convention (a painted 3 in a BraTS 2020 mask is an
   error, not a silent new class);
 - one JSON line per review is appended to ``<out>/reviews.jsonl``: case id, model hash, time,
   reviewer, decision, the Dice between the model's output and the saved mask (per region), the
-  note and the output path, plus the metrics against a reference when one was loaded.
+  note and the output path, plus the metrics against a reference when one was loaded. A mask is
+  never left without its record: when the append fails, the mask just written is removed (or
+  the earlier one put back).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -31,8 +37,12 @@ from ciml_core.data.nifti import NiftiSource, write_like
 from ciml_core.errors import ConfigError, GeometryError, InputDataError
 from ciml_core.metrics import dice, region_metrics
 
-#: The decisions a reviewer can record.
+#: The decisions that save a mask.
 DECISIONS = ("accepted", "corrected")
+#: Every decision a review session records (rejected and skipped save no mask).
+SESSION_DECISIONS = ("accepted", "corrected", "rejected", "skipped")
+#: Why a case is rejected.
+REJECT_REASONS = ("wrong modality", "artefact", "not a tumour case", "other")
 #: The review log, one JSON object per line, inside the output folder.
 REVIEW_LOG = "reviews.jsonl"
 
@@ -45,14 +55,16 @@ class ReviewRecord:
     model_sha256: str | None
     time: str  # ISO 8601, UTC, seconds
     reviewer: str
-    decision: str  # one of DECISIONS
+    decision: str  # one of SESSION_DECISIONS
     dice_vs_model: dict[str, float] | None  # region -> Dice(model output, saved mask)
     changed_voxels: int | None  # voxels whose label differs from the model output
     note: str
-    output: str  # the saved NIfTI file
+    output: str  # the saved NIfTI file ("" when the decision saves no mask)
     label_convention: str | None
     source: str  # the image whose affine/header the output carries
     reference_metrics: dict[str, dict[str, float]] | None = None  # vs a loaded reference
+    seconds: float | None = None  # time the reviewer spent on the case (review sessions)
+    reason: str | None = None  # why a case was rejected (REJECT_REASONS)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -65,7 +77,8 @@ class ReviewRecord:
 
 def review_output_path(out_dir: str | os.PathLike, case_id: str) -> Path:
     """Where the reviewed mask of ``case_id`` goes: ``<out_dir>/<case_id>.nii.gz``."""
-    if not case_id or any(sep in case_id for sep in ("/", "\\")) or case_id in (".", ".."):
+    if (not case_id or any(sep in case_id for sep in ("/", "\\", "\x00"))
+            or case_id in (".", "..") or os.path.isabs(case_id)):
         raise ConfigError(f"case id {case_id!r} cannot be used as a file name")
     return Path(out_dir) / f"{case_id}.nii.gz"
 
@@ -95,6 +108,14 @@ def check_not_input(target: str | os.PathLike, inputs: Iterable[str | os.PathLik
                                  "folder outside the case's folder so the input stays untouched")
 
 
+def _check_label(label: np.ndarray, label_convention: str | None, what: str) -> None:
+    if label_convention is not None:
+        validate_label_values(label, label_convention, what)
+    elif label.size and (label.min() < 0 or label.max() > 255
+                         or not np.array_equal(label, np.round(label))):
+        raise InputDataError(f"{what}: expected integer values in 0..255")
+
+
 def write_label_volume(
     label: np.ndarray,
     source: NiftiSource,
@@ -109,7 +130,9 @@ def write_label_volume(
 
     The values are checked against ``label_convention`` (when given), the target against the
     input files (:func:`check_not_input`; ``source.path`` always counts as an input, and with
-    ``protect_folders`` their folders are refused too).
+    ``protect_folders`` their folders are refused too). The file appears atomically; without
+    ``overwrite`` an existing target (even one created by a concurrent writer a moment ago) is
+    refused, never replaced.
 
     Raises:
         LabelError: values outside the convention.
@@ -118,11 +141,7 @@ def write_label_volume(
         FileExistsError: the target exists and ``overwrite`` is False.
     """
     label = np.asarray(label)
-    if label_convention is not None:
-        validate_label_values(label, label_convention, f"label volume for {path}")
-    elif label.size and (label.min() < 0 or label.max() > 255
-                         or not np.array_equal(label, np.round(label))):
-        raise InputDataError(f"label volume for {path}: expected integer values in 0..255")
+    _check_label(label, label_convention, f"label volume for {path}")
     check_not_input(path, [source.path, *inputs], folders=protect_folders)
     return write_like(label, source, path, dtype=np.uint8, overwrite=overwrite)
 
@@ -161,19 +180,76 @@ def append_record(log: str | os.PathLike, record: ReviewRecord) -> Path:
     """Append one JSON line to the review log (created with its folder when missing)."""
     log = Path(log)
     log.parent.mkdir(parents=True, exist_ok=True)
-    line = record.to_json() + "\n"
-    # One write of a whole line in append mode: concurrent reviewers never interleave lines.
-    with log.open("a", encoding="utf-8") as fh:
-        fh.write(line)
-        fh.flush()
-        os.fsync(fh.fileno())
+    line = (record.to_json() + "\n").encode("utf-8")
+    # One write(2) of a whole line on an O_APPEND descriptor: concurrent writers never
+    # interleave lines, and a crash leaves at most one truncated last line (read_reviews
+    # reports it).
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        written = os.write(fd, line)
+        if written != len(line):
+            raise OSError(f"{log}: short write ({written} of {len(line)} bytes)")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     return log
 
 
-def read_reviews(log: str | os.PathLike) -> list[dict[str, Any]]:
-    """The records of a review log, oldest first."""
-    with Path(log).open(encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+def read_reviews(log: str | os.PathLike, *, strict: bool = True) -> list[dict[str, Any]]:
+    """The records of a review log, oldest first.
+
+    A line that is not JSON (a write cut by a crash) raises :class:`InputDataError` naming the
+    log and the line, or is skipped with ``strict=False``.
+    """
+    log = Path(log)
+    records = []
+    with log.open(encoding="utf-8") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                if strict:
+                    raise InputDataError(f"{log}: line {number} is not a JSON record ({err})") \
+                        from err
+                continue
+            if not isinstance(record, dict) or "case_id" not in record:
+                if strict:
+                    raise InputDataError(f"{log}: line {number} is not a review record")
+                continue
+            records.append(record)
+    return records
+
+
+def _check_reviewer(reviewer: str) -> str:
+    reviewer = reviewer.strip()
+    if not reviewer:
+        raise ConfigError("reviewer: the reviewer's name is required for a review record")
+    return reviewer
+
+
+def _publish_with_record(write, target: Path, overwrite: bool, append) -> None:
+    """Write the mask (``write(overwrite)``), then append its record (``append()``); if the
+    append fails, undo the mask (remove it, or put the earlier file back) and re-raise."""
+    backup = None
+    if overwrite and target.exists():
+        backup = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.previous")
+        os.link(target, backup)  # the earlier mask stays reachable until the record is in
+    try:
+        write(overwrite)
+        try:
+            append()
+        except BaseException:
+            if backup is not None:
+                os.replace(backup, target)
+                backup = None
+            else:
+                target.unlink(missing_ok=True)
+            raise
+    finally:
+        if backup is not None:
+            backup.unlink(missing_ok=True)
 
 
 def save_review(
@@ -193,12 +269,16 @@ def save_review(
     inputs: Iterable[str | os.PathLike] = (),
     overwrite: bool = False,
     extra: Mapping[str, Any] | None = None,
+    seconds: float | None = None,
     now: datetime | None = None,
 ) -> ReviewRecord:
     """Save a reviewed mask to ``<out_dir>/<case_id>.nii.gz`` and append its review record.
 
     Everything is checked before anything is written: the decision and reviewer, the label
     values, the grid, the target (never an input, not an existing file unless ``overwrite``).
+    The mask is published atomically (refused atomically when it exists and ``overwrite`` is
+    False), then the record is appended; a failed append removes the new mask again (or puts
+    the replaced one back), so no mask is ever left without its record.
 
     Args:
         label: the reviewed label volume, canonical voxel order, dataset label values.
@@ -207,6 +287,7 @@ def save_review(
         reference: a reference label volume on the same grid, for Dice/HD95 in the record.
         spacing: voxel size in mm along the canonical axes (default: ``source.spacing``).
         inputs: the files the case was read from (the output never replaces or joins them).
+        seconds: time the reviewer spent on the case, for the record.
 
     Raises:
         ConfigError: unknown decision, empty reviewer name or unusable case id.
@@ -215,18 +296,15 @@ def save_review(
     """
     if decision not in DECISIONS:
         raise ConfigError(f"decision: expected one of {list(DECISIONS)}, got {decision!r}")
-    reviewer = reviewer.strip()
-    if not reviewer:
-        raise ConfigError("reviewer: the reviewer's name is required for a review record")
+    reviewer = _check_reviewer(reviewer)
     label = np.asarray(label)
     target = review_output_path(out_dir, case_id)
     inputs = [source.path, *inputs]
     check_not_input(target, inputs)
-    if target.exists() and not overwrite:
+    if target.exists() and not overwrite:  # early, friendly; the publish below is what refuses
         raise FileExistsError(f"{target} already exists (tick 'overwrite' / pass overwrite=True "
                               "to replace it)")
-    if label_convention is not None:
-        validate_label_values(label, label_convention, f"reviewed mask of case {case_id}")
+    _check_label(label, label_convention, f"reviewed mask of case {case_id}")
     if tuple(label.shape) != source.canonical_shape:
         raise GeometryError(f"reviewed mask of case {case_id} has shape {label.shape}; the "
                             f"source {source.path} has {source.canonical_shape}")
@@ -238,8 +316,6 @@ def save_review(
         ref_metrics = reference_metrics(label, reference, label_convention,
                                         spacing if spacing is not None else source.spacing)
 
-    written = write_label_volume(label, source, target, label_convention=label_convention,
-                                 inputs=inputs, overwrite=overwrite)
     record = ReviewRecord(
         case_id=case_id,
         model_sha256=model_sha256,
@@ -249,11 +325,60 @@ def save_review(
         dice_vs_model=agreement,
         changed_voxels=changed,
         note=note,
-        output=str(written.resolve()),
+        output=str(target.resolve()),
         label_convention=label_convention,
         source=str(source.path),
         reference_metrics=ref_metrics,
+        seconds=None if seconds is None else round(float(seconds), 3),
         extra=dict(extra or {}),
+    )
+    record.to_json()  # a record that cannot be serialised fails before the mask is written
+
+    def write(replace: bool) -> None:
+        write_label_volume(label, source, target, label_convention=label_convention,
+                           inputs=inputs, overwrite=replace)
+
+    _publish_with_record(write, target, overwrite,
+                         lambda: append_record(Path(out_dir) / REVIEW_LOG, record))
+    return record
+
+
+def record_decision(
+    out_dir: str | os.PathLike,
+    *,
+    case_id: str,
+    reviewer: str,
+    decision: str,
+    source: str | os.PathLike,
+    reason: str | None = None,
+    note: str = "",
+    model_sha256: str | None = None,
+    label_convention: str | None = None,
+    seconds: float | None = None,
+    extra: Mapping[str, Any] | None = None,
+    now: datetime | None = None,
+) -> ReviewRecord:
+    """Append the record of a decision that saves no mask: ``rejected`` (with a reason from
+    :data:`REJECT_REASONS`) or ``skipped``.
+
+    Raises:
+        ConfigError: another decision, a rejection without a known reason, an empty reviewer.
+    """
+    if decision not in ("rejected", "skipped"):
+        raise ConfigError(f"decision: a decision without mask is 'rejected' or 'skipped', got "
+                          f"{decision!r}")
+    if decision == "rejected" and reason not in REJECT_REASONS:
+        raise ConfigError(f"reject reason: expected one of {list(REJECT_REASONS)}, got {reason!r}")
+    if decision == "skipped":
+        reason = None
+    review_output_path(out_dir, case_id)  # the case id must be a plain file name
+    record = ReviewRecord(
+        case_id=case_id, model_sha256=model_sha256,
+        time=(now or datetime.now(timezone.utc)).isoformat(timespec="seconds"),
+        reviewer=_check_reviewer(reviewer), decision=decision, dice_vs_model=None,
+        changed_voxels=None, note=note, output="", label_convention=label_convention,
+        source=str(source), seconds=None if seconds is None else round(float(seconds), 3),
+        reason=reason, extra=dict(extra or {}),
     )
     append_record(Path(out_dir) / REVIEW_LOG, record)
     return record
