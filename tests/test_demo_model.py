@@ -13,9 +13,10 @@ from ciml_core.infer import sliding_window_predict
 from ciml_core.metrics import dice
 from ciml_core.model import build_model, probabilities_to_region_masks
 
-#: Mean Dice the demo must keep on two fresh phantoms (it scores well above; an untrained
-#: network of the same architecture scores about WT 0.20, TC 0.07, ET 0.01).
-THRESHOLDS = {"WT": 0.80, "TC": 0.70, "ET": 0.20}
+#: Mean Dice the demo must keep on two fresh phantoms: what it reaches on 10 unseen phantoms
+#: (WT 0.984, TC 0.981, ET 0.965; benchmarks/results/demo_accuracy.json) minus a margin. An
+#: untrained network of the same architecture scores about WT 0.10, TC 0.02, ET 0.00.
+THRESHOLDS = {"WT": 0.93, "TC": 0.92, "ET": 0.88}
 SEEDS = (5000, 5001)
 
 
@@ -57,7 +58,7 @@ def test_untrained_network_is_far_below(demo):
     torch.manual_seed(0)
     untrained = LoadedModel(build_model(demo.config).eval(), demo.config, demo.info, demo.path, "")
     scores = mean_dice(untrained, seeds=SEEDS[:1])
-    assert all(scores[r] < THRESHOLDS[r] - 0.15 for r in THRESHOLDS), scores
+    assert all(scores[r] < THRESHOLDS[r] - 0.5 for r in THRESHOLDS), scores
 
 
 def test_demo_t1ce_segmentor_reads_et_from_t1ce(demo, tmp_path):

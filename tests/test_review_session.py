@@ -149,8 +149,11 @@ def test_session_end_to_end_resume_and_inputs_untouched(tmp_path, dataset):
 def test_skip_resume_and_replacing_a_decision(tmp_path, dataset):
     session = open_session(tmp_path, dataset)
     first, second = session.case_ids[:2]
+    loaded = session.load(first)
+    session.save_draft(loaded, paint(loaded.model_label, 12))
     session.decide(first, "skipped")
     assert session.status(first) == "skipped" and session.resume_case() == second
+    assert session.read_draft(first).changed_voxels == 12  # kept for when it comes back
     assert session.progress() == (0, 5)
     for case_id in session.case_ids[1:]:
         session.decide(session.load(case_id), "accepted")

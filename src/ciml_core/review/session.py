@@ -669,7 +669,8 @@ class ReviewSession:
         - ``rejected`` (``reason`` from :data:`REJECT_REASONS`) and ``skipped``: no mask.
 
         The record holds the time spent on the case (:meth:`elapsed`), the Dice per region
-        between the model output and the final mask, and the changed voxels.
+        between the model output and the final mask, and the changed voxels. The case's draft
+        is removed, except when it is skipped.
 
         Raises:
             AlreadyReviewedError: the case is accepted, corrected or rejected already and
@@ -731,7 +732,8 @@ class ReviewSession:
                 self.mask_path(case_id).unlink(missing_ok=True)
         entry.status, entry.last = decision, record.to_dict()
         self._reset_clock(case_id)
-        self.discard_draft(case_id)
+        if decision != "skipped":  # a skipped case keeps its edits for when it comes back
+            self.discard_draft(case_id)
         return record
 
     def records(self) -> list[dict[str, Any]]:

@@ -69,6 +69,8 @@ from napari_ciml._widgets._common import (
 
 #: Seconds between two draft autosaves (a draft is written only when the mask changed).
 AUTOSAVE_SECONDS = 3.0
+#: Delay (ms) between a case appearing and the prefetch of the next one starting.
+PREFETCH_DELAY_MS = 150
 #: napari key -> (widget method, what it does). Qt spells the same keys in SESSION_QT_KEYS.
 SESSION_SHORTCUTS = {
     "Control-Alt-A": ("accept_and_next", "accept and next case"),
@@ -467,7 +469,10 @@ class ReviewSessionWidget(CimlWidget):
             del self._cache[case_id]
 
     def _prefetch(self) -> None:
-        if self.review is None or self.current_id is None:
+        try:
+            if self.review is None or self.current_id is None:
+                return
+        except RuntimeError:  # closed meanwhile
             return
         upcoming = self.review.next_case(self.current_id)
         if upcoming is not None:
@@ -499,7 +504,8 @@ class ReviewSessionWidget(CimlWidget):
         self.autosave_timer.start()
         self._trim_cache()
         self.case_shown.emit(case.case_id)
-        self._prefetch()
+        # Prefetch once the canvas has drawn this case: the GUI thread first.
+        QTimer.singleShot(PREFETCH_DELAY_MS, self._prefetch)
 
     def _describe(self, case: ReviewCase) -> None:
         entry = self.review.case(case.case_id)
@@ -663,6 +669,8 @@ class ReviewSessionWidget(CimlWidget):
         if needs_mask and self.current is None:
             self._say(f"{case_id} is still loading; decide once it is on screen.")
             return None
+        if decision == "skipped":  # coming back later: keep the edits made so far
+            self.autosave_draft()
         target = self.current if self.current is not None else case_id
         label = np.asarray(self._label_layer.data) if needs_mask else None
         kwargs = dict(label=label, reason=reason, note=self.note_edit.text().strip(),
@@ -679,8 +687,9 @@ class ReviewSessionWidget(CimlWidget):
             self._say(f"{case_id} not {decision}: {err}", err)
             return None
         self.last_record = record
-        self._own_drafts.discard(case_id)
-        self._cache.pop(case_id, None)
+        if decision != "skipped":
+            self._own_drafts.discard(case_id)
+        self._cache.pop(case_id, None)  # shown again: loaded afresh (with its draft, if any)
         self.current = None  # decided: nothing to autosave when it leaves the screen
         self.note_edit.clear()
         self._refresh_item(case_id)
