@@ -903,8 +903,16 @@ EVALUATE_ROWS = [
 
 
 def _explain_zero_target(sb: Sandbox) -> list[str]:
-    sb.case("C1")  # random noise: the demo model finds no tumour in it
+    sb.case("C1")
     return _args(sb, "explain", sb.inp / "C1", "--out", sb.out, "--pairs", "FLAIR:WT")
+
+
+def _predicts_nothing(mp: pytest.MonkeyPatch) -> None:
+    """A model that finds no tumour (whatever the demo makes of random noise)."""
+    import ciml_core.explain as explain
+
+    mp.setattr(explain, "sliding_window_predict", lambda loaded, image, **kw: np.zeros(
+        (len(loaded.regions), *image.shape[1:]), np.float32))
 
 
 def _explain_two_cases(sb: Sandbox) -> list[str]:
@@ -970,7 +978,8 @@ THIN = r"warning: case C1: the imaged region is .* thinnest axis"
 MISC_ROWS = [
     Hostile("explain-zero-target-voxels", _explain_zero_target, 0,
             r"warning: case C1, pair FLAIR:WT: the model predicts no WT voxel.*equal-share default",
-            ("C1_heatmap_FLAIR-WT_from_T1.nii.gz", "weights.json", "C1_gradcam.png")),
+            ("C1_heatmap_FLAIR-WT_from_T1.nii.gz", "weights.json", "C1_gradcam.png"),
+            patch=_predicts_nothing),
     Hostile("explain-two-cases", _explain_two_cases, 2, r"holds 2 cases; explain takes one"),
     Hostile("shape-tiny-4x4x4", _odd_shape((4, 4, 4)), 0, THIN, ("C1.nii.gz",)),
     Hostile("shape-one-voxel-thick", _odd_shape((24, 24, 1)), 0,
