@@ -428,7 +428,7 @@ def test_fine_tune_the_demo_on_an_exported_session(tmp_path, dataset, one_torch_
     exported = review_export(tmp_path / "session", tmp_path / "exported").dataset
     demo = ["--width", "8", "--patch", "48", "--variant", "full", "--norm", "batch"]
     tiny = ["--epochs", "1", "--iters-per-epoch", "2", "--batch", "1", "--workers", "0",
-            "--device", "cpu", "--fold", "-1"]
+            "--device", "cpu", "--fold", "-1", "--bn-recalibration", "0"]
     run = tmp_path / "run"
     assert main(["train", str(exported), "--out", str(run), "--init", "demo", *demo, *tiny]) == 0
     start = load_file(str(DEMO_CHECKPOINT / "model.safetensors"))
