@@ -240,7 +240,11 @@ def test_explain_and_weights_chart(sample_viewer, qtbot, tmp_path):
         assert len(group) == 3 and sum(group) == pytest.approx(1.0)
         assert group == pytest.approx([e.weights[a] for a in e.auxiliary])
     labels = [t.get_text() for t in weights.ax.get_xticklabels()]
-    assert labels == pairs[1:]
+    # pair name, then the smallest share of a map's heat inside the dilated target
+    assert [label.split("\n")[0] for label in labels] == pairs[1:]
+    for label, e in zip(labels, weights.explanations, strict=True):
+        inside = min(f for f in e.inside_fraction.values() if f == f)
+        assert label.split("\n")[1] == f"in target >= {inside:.0%}"
 
     png = weights.export_png(tmp_path / "chart.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
