@@ -126,3 +126,30 @@ def test_bf16_logits_are_scored_in_float32():
     total32, _ = loss_fn(output(logits.bfloat16().float()), targets)
     assert total16.dtype == torch.float32
     assert total16.item() == pytest.approx(total32.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("weighting", ["region", "head"])
+def test_early_fusion_dynunet_trains_with_either_weighting(weighting):
+    """DynUNet has one head over every region, not one per task of the decomposition: the loss
+    weighs the heads the network outputs (a regression: the weights were once taken from the
+    decomposition's four tasks and the first DynUNet step failed)."""
+    from ciml_core.model import ModelConfig, build_model
+
+    decomposition = TaskDecomposition.brats()
+    assert term_weights([decomposition.regions], weighting) == (
+        [[1.0, 1.0, 1.0]] if weighting == "region" else [[1 / 3, 1 / 3, 1 / 3]])
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(variant="dynunet", width=4, norm="instance",
+                                    patch_size=(32, 32, 32)))
+    x = torch.randn(2, 4, 32, 32, 32)
+    targets = (torch.rand(2, 3, 32, 32, 32) > 0.7).float()
+    output = model(x)
+    loss, parts = CIMLLoss(decomposition, weighting=weighting)(output, targets)
+    loss.backward()
+    probs = torch.sigmoid(output.logits[0].detach().float())
+    scale = 1.0 if weighting == "region" else 1 / 3
+    bce = sum(torch.nn.functional.binary_cross_entropy(probs[:, r], targets[:, r]).item()
+              for r in range(3))
+    assert parts["bce"] == pytest.approx(scale * bce, rel=1e-4)
+    assert parts["kl"] == 0.0
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Sequence
+
 import torch
 from monai.losses import DiceLoss
 from torch import Tensor, nn
@@ -16,15 +19,20 @@ from ciml_core.model.interface import CIMLOutput
 REGION_WEIGHTINGS = ("region", "head")
 
 
-def term_weights(decomposition: TaskDecomposition, weighting: str) -> list[list[float]]:
-    """``weights[head][j]``: the weight of head ``head``'s j-th region's Dice + BCE term."""
+def term_weights(heads: TaskDecomposition | Sequence[Sequence[str]],
+                 weighting: str) -> list[list[float]]:
+    """``weights[head][j]``: the weight of head ``head``'s j-th region's Dice + BCE term.
+
+    ``heads``: the regions of each output head (``CIMLOutput.task_regions``), or a decomposition
+    (one head per task). An early-fusion network has a single head over every region."""
     if weighting not in REGION_WEIGHTINGS:
         raise ValueError(f"region weighting must be one of {REGION_WEIGHTINGS}, got {weighting!r}")
-    tasks = decomposition.tasks
+    if isinstance(heads, TaskDecomposition):
+        heads = [t.regions for t in heads.tasks]
     if weighting == "head":
-        return [[1.0 / len(t.regions)] * len(t.regions) for t in tasks]
-    heads_per_region = {r: sum(r in t.regions for t in tasks) for r in decomposition.regions}
-    return [[1.0 / heads_per_region[r] for r in t.regions] for t in tasks]
+        return [[1.0 / len(regions)] * len(regions) for regions in heads]
+    heads_per_region = Counter(r for regions in heads for r in regions)
+    return [[1.0 / heads_per_region[r] for r in regions] for regions in heads]
 
 
 class CIMLLoss(nn.Module):
@@ -52,7 +60,8 @@ class CIMLLoss(nn.Module):
             raise ValueError(f"beta must be >= 0, got {beta}")
         self.regions = decomposition.regions
         self.beta = beta
-        self.weights = term_weights(decomposition, weighting)
+        self.weighting = weighting
+        term_weights(decomposition, weighting)  # refuse an unknown weighting here, not later
         self.dice = DiceLoss(sigmoid=True, batch=True)
         self.bce = nn.BCEWithLogitsLoss()
 
@@ -65,7 +74,9 @@ class CIMLLoss(nn.Module):
             )
         targets = targets.float()
         dice = bce = targets.new_zeros(())
-        for logits, regions, weights in zip(output.logits, output.task_regions, self.weights,
+        # From the heads the network has (one per task, or one early-fusion head for DynUNet).
+        weights_per_head = term_weights(output.task_regions, self.weighting)
+        for logits, regions, weights in zip(output.logits, output.task_regions, weights_per_head,
                                             strict=True):
             # float32: bf16 (autocast) sums over a whole patch would lose the Dice's precision.
             logits = logits.float()
