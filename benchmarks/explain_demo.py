@@ -30,7 +30,7 @@ from ciml_core.data.layouts import discover_cases
 from ciml_core.data.phantoms import write_phantom_dataset
 from ciml_core.explain import explain_case, write_explanations
 from ciml_core.figures import heatmap_grid_figure, save_figure, weights_chart_figure
-from ciml_core.infer import predict_case
+from ciml_core.infer import InferenceSettings, predict_case
 
 TC_PAIRS = ("T1:TC", "T2:TC")
 
@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     data = out / "phantoms"
     write_phantom_dataset("brats", args.cases, data, seed=args.seed, overwrite=args.overwrite)
     loaded = load_checkpoint(args.model, device="cpu")
+    settings = InferenceSettings(device=args.device)
     convention = get_convention(loaded.info.label_convention)
     print(f"model {loaded.path} (sha256 {loaded.weights_sha256[:12]}), "
           f"width {loaded.config.width}, patch {loaded.config.patch_size}")
@@ -70,10 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         reference = dict(zip(convention.region_names, labels_to_regions(case.label, convention),
                              strict=True))
         start = time.perf_counter()
-        prediction = predict_case(loaded, case, device=args.device)
+        prediction = predict_case(loaded, case, settings)
         predict_seconds = time.perf_counter() - start
         start = time.perf_counter()
-        predicted = explain_case(loaded, case, device=args.device,
+        predicted = explain_case(loaded, case, None, settings,
                                  prediction=prediction.probabilities)
         seconds = time.perf_counter() - start
         masks = labels_to_regions(prediction.label, convention)
@@ -91,13 +92,12 @@ def main(argv: list[str] | None = None) -> int:
             save_figure(chart, args.images / "weights_demo.png", overwrite=True)
         # The same pairs with the reference TC as ROI: weights that do not depend on how well
         # the demo model segments.
-        roi = explain_case(loaded, case, "T1:TC,T2:TC", target_mask=reference["TC"],
-                           device=args.device)
+        roi = explain_case(loaded, case, "T1:TC,T2:TC", settings, target_mask=reference["TC"])
         runs = [("prediction", predicted), ("reference ROI", roi)]
         if index == 0 and args.sliding:
             start = time.perf_counter()
-            sliding = explain_case(loaded, case, "T1:TC,T2:TC", mode="sliding",
-                                   device=args.device, prediction=prediction.probabilities)
+            sliding = explain_case(loaded, case, "T1:TC,T2:TC", settings, mode="sliding",
+                                   prediction=prediction.probabilities)
             sliding_seconds = time.perf_counter() - start
             runs.append(("prediction, sliding", sliding))
             print(f"sliding mode on {case.case_id}: {sliding_seconds:.1f} s")

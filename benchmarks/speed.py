@@ -43,7 +43,7 @@ from ciml_core.checkpoint import CheckpointInfo, LoadedModel
 from ciml_core.data.dataset import LoadedCase
 from ciml_core.data.nifti import NiftiSource
 from ciml_core.data.phantoms import make_brats_phantom
-from ciml_core.infer import inference_network, predict_case
+from ciml_core.infer import InferenceSettings, inference_network, predict_case
 from ciml_core.model import (
     CIMLLoss,
     ModelConfig,
@@ -214,8 +214,8 @@ def measure_case(config: ModelConfig, device: torch.device, mirror: bool, fused:
         windows = total
 
     t0 = time.perf_counter()
-    predict_case(loaded, case, overlap=0.5, mirror=mirror, device=device, progress=progress,
-                 fused=fused)
+    predict_case(loaded, case, InferenceSettings(mirror=mirror, device=device, fused=fused),
+                 progress=progress)
     _sync(device)
     seconds = time.perf_counter() - t0
     flops = window_flops(config) * windows * (8 if mirror else 1)

@@ -9,7 +9,6 @@ compared to 1e-5 relative.
 """
 
 import hashlib
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,9 +19,10 @@ from ciml_core.data.dataset import load_case
 from ciml_core.data.layouts import discover_cases
 from ciml_core.data.phantoms import write_phantom_dataset
 from ciml_core.explain import explain_case
-from ciml_core.infer import predict_case
+from ciml_core.infer import InferenceSettings, predict_case
 
 pytestmark = pytest.mark.slow
+CPU = InferenceSettings(device="cpu")
 
 RECORDED_ON = "AVX512"
 LABEL_SHA256 = "1e3fbc5d53ad0e1c7f5dccd86502bc58ac7f143612ecd31ae2cd63a206b52474"
@@ -56,8 +56,9 @@ def outputs(tmp_path_factory):
     (files,) = discover_cases(root)
     case = load_case(files, loaded.modalities)
     with _threads(1):
-        prediction = predict_case(loaded, case, device="cpu")
-        explanations = explain_case(loaded, case, "T1:TC,T1CE:ET", device="cpu",
+        prediction = predict_case(loaded, case, CPU)
+        # Grad-CAM: the method these values were stored with.
+        explanations = explain_case(loaded, case, "T1:TC,T1CE:ET", CPU, method="gradcam",
                                     prediction=prediction.probabilities)
     return prediction, {e.name: e for e in explanations}
 

@@ -9,7 +9,7 @@ import torch
 from ciml_core.checkpoint import DEMO_CHECKPOINT, LoadedModel, load_checkpoint
 from ciml_core.data.phantoms import make_brats_phantom
 from ciml_core.data.preprocess import preprocess_image
-from ciml_core.infer import sliding_window_predict
+from ciml_core.infer import InferenceSettings, sliding_window_predict
 from ciml_core.metrics import dice
 from ciml_core.model import build_model, probabilities_to_region_masks
 
@@ -26,7 +26,8 @@ def mean_dice(loaded: LoadedModel, seeds=SEEDS) -> dict[str, float]:
         case = make_brats_phantom(seed)
         image = np.stack([case.images[m] for m in loaded.modalities])
         pre = preprocess_image(image, loaded.modalities)
-        probs = sliding_window_predict(loaded, pre.image, device="cpu")
+        probs = sliding_window_predict(loaded.model, pre.image, loaded.config.patch_size,
+                                       InferenceSettings(device="cpu"))
         masks = probabilities_to_region_masks(torch.from_numpy(probs)[None], loaded.regions)[0]
         label = case.label[pre.box.slices]
         truth = {"WT": label > 0, "TC": np.isin(label, (1, 4)), "ET": label == 4}

@@ -294,15 +294,15 @@ def test_score_model_in_memory_equals_evaluating_the_written_predictions(tmp_pat
     from ciml_core.data.layouts import discover_cases
     from ciml_core.data.phantoms import write_phantom_dataset
     from ciml_core.evaluate import evaluate_folders, score_model
-    from ciml_core.infer import predict_case, write_prediction
+    from ciml_core.infer import InferenceSettings, predict_case, write_prediction
 
     write_phantom_dataset("brats", 2, tmp_path / "ref", seed=5000, shape=(64, 64, 48))
     cases = discover_cases(tmp_path / "ref")
     demo = load_checkpoint("demo")
-    per_case, mean = score_model(demo, cases, "brats2020", device="cpu")
+    per_case, mean = score_model(demo, cases, "brats2020", InferenceSettings(device="cpu"))
     for files in cases:
         case = load_case(files, demo.modalities, label_convention="brats2020")
-        write_prediction(predict_case(demo, case, device="cpu"), case, tmp_path / "pred")
+        write_prediction(predict_case(demo, case, InferenceSettings(device="cpu")), case, tmp_path / "pred")
     report = evaluate_folders(tmp_path / "pred", tmp_path / "ref", "brats2020")
     assert sorted(per_case) == [c.case_id for c in report.cases]
     for result in report.cases:

@@ -18,7 +18,7 @@ from ciml_core.checkpoint import CheckpointInfo, LoadedModel
 from ciml_core.data.dataset import load_case
 from ciml_core.data.layouts import discover_cases
 from ciml_core.data.preprocess import preprocess_image, uncrop
-from ciml_core.errors import ConfigError, InputDataError
+from ciml_core.errors import Cancelled, ConfigError, InputDataError
 from ciml_core.explain import (
     complementary_weights,
     dilate_mm,
@@ -28,11 +28,12 @@ from ciml_core.explain import (
     parse_pairs,
     write_explanations,
 )
-from ciml_core.infer import Cancelled
+from ciml_core.infer import InferenceSettings
 from ciml_core.model import CIMLOutput, ModelConfig, TaskDecomposition, build_model
 from conftest import write_nifti
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+CPU = InferenceSettings(device="cpu")
 
 PATCH = 16
 #: An LAS-stored affine with anisotropic spacing and an offset (not the canonical RAS order).
@@ -194,7 +195,8 @@ def test_closed_form_oracle_linear_model(tmp_path):
     loaded = _loaded(model, config)
     case = load_case(discover_cases(_write_case(tmp_path))[0], loaded.modalities)
     roi = _roi_mask()
-    explanations = explain_case(loaded, case, target_mask=roi, device="cpu", extent="window")
+    explanations = explain_case(loaded, case, target_mask=roi, settings=CPU, extent="window",
+                                method="gradcam")
     assert [(e.segmentor, e.region) for e in explanations] == list_pairs(config.decomposition)
 
     pre = preprocess_image(case.image, case.modalities)
@@ -245,7 +247,7 @@ def test_matches_monai_gradcam_on_the_same_layer_and_target(tmp_path):
     roi = _roi_mask()
     # Three pairs (9 maps) from three segmentors and all three regions keep the test short.
     explanations = explain_case(loaded, case, "T1:TC,T2:WT,T1CE:ET", target_mask=roi,
-                                device="cpu", extent="window")
+                                settings=CPU, extent="window", method="gradcam")
     pre = preprocess_image(case.image, case.modalities)
     x = torch.from_numpy(pre.image)[None]
     mask = torch.from_numpy(roi[pre.box.slices]).float()[None]
@@ -275,10 +277,10 @@ def test_sliding_mode_single_window_equals_roi_and_covers_larger_volumes(tmp_pat
     loaded = _tiny_ciml(seed=2)
     case = load_case(discover_cases(_write_case(tmp_path))[0], loaded.modalities)
     roi = _roi_mask()
-    one = explain_case(loaded, case, "T1:TC,T1CE:ET", target_mask=roi, device="cpu")
+    one = explain_case(loaded, case, "T1:TC,T1CE:ET", target_mask=roi, settings=CPU)
     calls = []
     sliding = explain_case(loaded, case, "T1:TC,T1CE:ET", target_mask=roi, mode="sliding",
-                           device="cpu", progress=lambda d, t: calls.append((d, t)))
+                           settings=CPU, progress=lambda d, t: calls.append((d, t)))
     assert calls == [(1, 1)]  # one window, Gaussian weights divide out
     for a, b in zip(one, sliding, strict=True):
         assert b.mode == "sliding" and b.window is None and b.level_maps == {}
@@ -295,7 +297,7 @@ def test_sliding_mode_single_window_equals_roi_and_covers_larger_volumes(tmp_pat
     mask = np.zeros((24, 24, 22), bool)
     mask[5:19, 4:18, 3:20] = True
     calls.clear()
-    result = explain_case(loaded, case, "T2:WT", target_mask=mask, mode="sliding", device="cpu",
+    result = explain_case(loaded, case, "T2:WT", target_mask=mask, mode="sliding", settings=CPU,
                           progress=lambda d, t: calls.append((d, t)))
     assert calls[-1] == (8, 8) and len(calls) == 8
     heat = np.stack(list(result[0].heatmaps.values()))
@@ -313,7 +315,7 @@ def test_roi_mode_predicted_target_window_and_progress(tmp_path):
     probs[1, 8:12, 7:11, 6:10] = 0.8
     probs[2, 8:12, 7:11, 6:10] = 0.2
     calls = []
-    explanations = explain_case(loaded, case, prediction=probs, device="cpu",
+    explanations = explain_case(loaded, case, prediction=probs, settings=CPU,
                                 progress=lambda d, t: calls.append((d, t)))
     assert calls == [(i, 6) for i in range(1, 7)]  # one backward pass per pair
     by_name = {e.name: e for e in explanations}
@@ -344,7 +346,7 @@ def test_roi_window_is_centred_on_the_target_and_padded(tmp_path):
     case = load_case(discover_cases(root)[0], loaded.modalities)
     mask = np.zeros((40, 12, 16), bool)
     mask[28:34, 4:8, 6:10] = True
-    (e,) = explain_case(loaded, case, "FLAIR:WT", target_mask=mask, device="cpu")
+    (e,) = explain_case(loaded, case, "FLAIR:WT", target_mask=mask, settings=CPU)
     # target_mask is in canonical order: its centre of mass is at x = 30.5.
     centre_x = np.argwhere(e.target).mean(axis=0)[0]
     (x0, x1), (y0, y1), (z0, z1) = e.window
@@ -363,7 +365,7 @@ def test_progress_exception_cancels_and_removes_hooks(tmp_path):
         raise Cancelled("stop")
 
     with pytest.raises(Cancelled):
-        explain_case(loaded, case, target_mask=_roi_mask(), device="cpu", progress=cancel)
+        explain_case(loaded, case, target_mask=_roi_mask(), settings=CPU, progress=cancel)
     for segmentor in loaded.model.segmentors:
         for tap in segmentor.gates[0].representation_taps:
             assert not tap._forward_hooks
@@ -393,7 +395,7 @@ def test_heatmap_nifti_has_the_input_affine_and_shape(tmp_path, affine):
     loaded = _tiny_ciml(seed=5)
     folder = _write_case(tmp_path / "in", affine)
     case = load_case(discover_cases(folder)[0], loaded.modalities)
-    explanations = explain_case(loaded, case, "T2:TC", target_mask=_roi_mask(), device="cpu")
+    explanations = explain_case(loaded, case, "T2:TC", target_mask=_roi_mask(), settings=CPU)
     out = tmp_path / "out"
     written = write_explanations(explanations, case, out)
     source = nib.load(str(folder / "Case_7_t1.nii.gz"))
@@ -443,9 +445,9 @@ def test_hirescam_oracle_and_target_bound_maps(tmp_path):
     loaded = _loaded(model, config)
     case = load_case(discover_cases(_write_case(tmp_path))[0], loaded.modalities)
     roi = _roi_mask()
-    window = explain_case(loaded, case, target_mask=roi, device="cpu", method="hirescam",
+    window = explain_case(loaded, case, target_mask=roi, settings=CPU, method="hirescam",
                           extent="window")
-    bound = explain_case(loaded, case, target_mask=roi, device="cpu", method="hirescam",
+    bound = explain_case(loaded, case, target_mask=roi, settings=CPU, method="hirescam",
                          margin_mm=2.0)
     pre = preprocess_image(case.image, case.modalities)
     x = torch.from_numpy(pre.image)[None].double()
@@ -471,9 +473,9 @@ def test_hirescam_oracle_and_target_bound_maps(tmp_path):
             for aux in b.auxiliary:
                 assert b.weights[aux] == pytest.approx(sums[aux] / sum(sums.values()), rel=1e-6)
     with pytest.raises(ConfigError, match="method"):
-        explain_case(loaded, case, target_mask=roi, device="cpu", method="lime")
+        explain_case(loaded, case, target_mask=roi, settings=CPU, method="lime")
     with pytest.raises(ConfigError, match="extent"):
-        explain_case(loaded, case, target_mask=roi, device="cpu", extent="everywhere")
+        explain_case(loaded, case, target_mask=roi, settings=CPU, extent="everywhere")
 
 
 def test_dilate_mm_uses_the_voxel_spacing():

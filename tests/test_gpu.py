@@ -9,7 +9,7 @@ import torch
 
 from ciml_core.checkpoint import load_checkpoint
 from ciml_core.data.phantoms import make_brats_phantom
-from ciml_core.infer import sliding_window_predict
+from ciml_core.infer import InferenceSettings, sliding_window_predict
 from ciml_core.model import CIMLLoss, ModelConfig, build_model
 
 pytestmark = pytest.mark.gpu
@@ -39,8 +39,9 @@ def test_gpu_windows_match_cpu():
     phantom = make_brats_phantom(5000, shape=(64, 64, 48))
     image = np.stack([phantom.images[m] for m in loaded.modalities])
     image = (image - image.mean()) / image.std()
-    cpu = sliding_window_predict(loaded, image, device="cpu")
-    gpu = sliding_window_predict(loaded, image, device="cuda")
+    patch = loaded.config.patch_size
+    cpu = sliding_window_predict(loaded.model, image, patch, InferenceSettings(device="cpu"))
+    gpu = sliding_window_predict(loaded.model, image, patch, InferenceSettings(device="cuda"))
     assert gpu.shape == cpu.shape
     # bf16 autocast on the GPU: probabilities agree to a few hundredths
     assert np.abs(gpu - cpu).max() < 0.1
@@ -52,7 +53,10 @@ def test_fused_windows_match_unfused_on_cuda():
     phantom = make_brats_phantom(5001, shape=(64, 64, 48))
     image = np.stack([phantom.images[m] for m in loaded.modalities])
     image = (image - image.mean()) / image.std()
-    fused = sliding_window_predict(loaded, image, device="cuda", bf16=False)
-    unfused = sliding_window_predict(loaded, image, device="cuda", bf16=False, fused=False)
+    patch = loaded.config.patch_size
+    fused = sliding_window_predict(loaded.model, image, patch,
+                                   InferenceSettings(device="cuda", bf16=False))
+    unfused = sliding_window_predict(
+        loaded.model, image, patch, InferenceSettings(device="cuda", bf16=False, fused=False))
     # fp32 (cuDNN may use TF32 for convolutions): equal to a few thousandths
     assert np.abs(fused - unfused).max() < 5e-3

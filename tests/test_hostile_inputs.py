@@ -911,8 +911,8 @@ def _predicts_nothing(mp: pytest.MonkeyPatch) -> None:
     """A model that finds no tumour (whatever the demo makes of random noise)."""
     import ciml_core.explain as explain
 
-    mp.setattr(explain, "sliding_window_predict", lambda loaded, image, **kw: np.zeros(
-        (len(loaded.regions), *image.shape[1:]), np.float32))
+    mp.setattr(explain, "sliding_window_predict", lambda network, image, *a, **kw: np.zeros(
+        (len(network.config.decomposition.regions), *image.shape[1:]), np.float32))
 
 
 def _explain_two_cases(sb: Sandbox) -> list[str]:

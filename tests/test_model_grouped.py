@@ -88,21 +88,23 @@ def test_sliding_window_fused_equals_unfused_and_bf16_is_close():
     from ciml_core.checkpoint import load_checkpoint
     from ciml_core.data.phantoms import make_brats_phantom
     from ciml_core.data.preprocess import preprocess_image
-    from ciml_core.infer import sliding_window_predict
+    from ciml_core.infer import InferenceSettings, sliding_window_predict
 
     demo = load_checkpoint("demo")
+    CPU = InferenceSettings(device="cpu")
+    patch = demo.config.patch_size
     phantom = make_brats_phantom(11, shape=(64, 64, 48))
     modalities = ("flair", "t1", "t1ce", "t2")
     image = preprocess_image(np.stack([phantom.images[m] for m in modalities]), modalities).image
-    fused = sliding_window_predict(demo, image, device="cpu")
-    unfused = sliding_window_predict(demo, image, device="cpu", fused=False)
+    fused = sliding_window_predict(demo.model, image, patch, CPU)
+    unfused = sliding_window_predict(demo.model, image, patch, CPU.replace(fused=False))
     assert fused.shape == unfused.shape == (3, *image.shape[1:])
     assert (unfused > 0.5).sum(axis=(1, 2, 3)).min() > 100  # the demo finds every region here
     np.testing.assert_allclose(fused, unfused, atol=1e-4)
 
     # bf16 windows (--bf16): probabilities within 0.03, masks nearly identical (measured on
     # phantoms 5000-5001: max |dp| < 0.01, mask Dice >= 0.9988).
-    half = sliding_window_predict(demo, image, device="cpu", bf16=True)
+    half = sliding_window_predict(demo.model, image, patch, CPU.replace(bf16=True))
     assert 0 < np.abs(half - fused).max() < 0.03
     for region in range(3):
         a, b = fused[region] > 0.5, half[region] > 0.5

@@ -30,7 +30,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,12 +156,6 @@ def _state_dict_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in unique_state_dict(model).items()}
 
 
-def _replace_dir(tmp: Path, target: Path) -> None:
-    """Move the finished ``tmp`` folder to ``target``, replacing an older checkpoint there
-    (:func:`ciml_core.io.replace_dir`: modes 0755/0644, never a half-replaced folder)."""
-    _io.replace_dir(tmp, target)
-
-
 def config_digest(document: dict[str, Any]) -> str:
     """sha256 of the canonical JSON (sorted keys, no spaces) of ``document`` without its
     ``config_sha256`` field: what format 2 stores in that field."""
@@ -194,8 +187,9 @@ def save_checkpoint(
 ) -> Path:
     """Write a checkpoint folder atomically (replacing an existing one at ``path``)."""
     path = Path(path)
-    tmp = _io.make_temp_dir(path)
-    try:
+    # Built beside ``path``, then swapped in whole (ciml_core.io: modes 0755/0644, never a
+    # half-replaced folder).
+    with _io.dir_output(path) as tmp:
         save_file(_state_dict_for_saving(model), str(tmp / WEIGHTS))
         document = {
             "format": FORMAT,
@@ -214,10 +208,6 @@ def save_checkpoint(
         (tmp / CONFIG).write_text(_config_text(document))
         if training_state is not None:
             torch.save(training_state, tmp / TRAINING_STATE)
-        _replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
@@ -423,16 +413,11 @@ def export_checkpoint(
     if half:
         weights = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
     dst = Path(dst)
-    tmp = _io.make_temp_dir(dst)
-    try:
+    with _io.dir_output(dst) as tmp:
         save_file(weights, str(tmp / WEIGHTS))
         document = {**document, "weights_dtype": "float16" if half else "float32",
                     "weights_sha256": sha256_file(tmp / WEIGHTS)}
         (tmp / CONFIG).write_text(_config_text(document))
-        _replace_dir(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst
 
 
@@ -445,3 +430,81 @@ def load_training_state(path: str | os.PathLike) -> dict[str, Any]:
         return torch.load(state_path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling refusal is a bad state file
         raise CheckpointError(f"{state_path}: unreadable training state ({err})") from err
+
+
+@dataclass(frozen=True)
+class CheckpointSummary:
+    """What a person wants to know about a checkpoint, read from its ``config.json`` (the
+    ``model`` section is the one source of the architecture; the top-level ``modalities``,
+    ``regions`` and ``patch_size`` keys only mirror it for readers of the file)."""
+
+    folder: Path
+    is_demo: bool  # the bundled demo model
+    config: ModelConfig
+    parameters: int | None
+    label_convention: str
+    training: dict[str, Any]
+    metrics: dict[str, Any]
+    weights_sha256: str
+    package_version: str
+
+    def lines(self, *, brief: bool = False) -> list[str]:
+        """``ciml-core info``'s text, or (``brief``) the few lines the Segment widget shows."""
+        c = self.config
+        d = c.decomposition
+        patch = "x".join(str(p) for p in c.patch_size)
+        cfg = self.training.get("config", {}) or {}
+        epochs = self.training.get("epochs_completed")
+        dice = self.metrics.get("val_dice")
+        if brief:
+            trained = (f"{epochs}/{cfg.get('epochs', '?')} epochs" if epochs is not None
+                       else "training record absent")
+            lines = ["bundled demo" if self.is_demo else str(self.folder),
+                     f"variant {c.variant}, C={c.width}, patch {patch}",
+                     f"{', '.join(d.modalities)} -> {', '.join(d.regions)} "
+                     f"({self.label_convention})",
+                     f"{trained}; sha256 {self.weights_sha256[:12]}"]
+            if isinstance(dice, dict):
+                lines.append("val Dice " + ", ".join(f"{k} {v:.2f}" for k, v in dice.items()))
+            return lines
+        parameters = f", {self.parameters:,} parameters" if self.parameters is not None else ""
+        lines = [f"checkpoint      {self.folder}",
+                 f"package         napari-ciml {self.package_version}",
+                 f"variant         {c.variant} (width C={c.width}, norm {c.norm}, patch "
+                 f"{list(c.patch_size)}{parameters})",
+                 f"modalities      {', '.join(d.modalities)}",
+                 f"regions         {', '.join(d.regions)} (labels: {self.label_convention})",
+                 "decomposition"]
+        lines += [f"  {task.name:>12} -> {', '.join(task.regions)}" for task in d.tasks]
+        if cfg:
+            lines.append(f"training        {self.training.get('epochs_completed', '?')}/"
+                         f"{cfg.get('epochs')} epochs x {cfg.get('iters_per_epoch')} iterations, "
+                         f"batch {cfg.get('batch')}, seed {cfg.get('seed')}, "
+                         f"{self.training.get('seconds', '?')} s, data "
+                         f"{self.training.get('data')}")
+        if self.metrics:
+            lines.append(f"metrics         {json.dumps(self.metrics)}")
+        lines.append(f"weights sha256  {self.weights_sha256}")
+        return lines
+
+
+def describe(model: str | os.PathLike | LoadedModel) -> CheckpointSummary:
+    """A :class:`CheckpointSummary` of a checkpoint (``"demo"``, a folder, or a loaded model;
+    a folder is checked as :func:`read_checkpoint_config` does, its weights are not loaded)."""
+    from ciml_core.model import count_parameters
+
+    if isinstance(model, LoadedModel):
+        folder, parameters = model.path, count_parameters(model.model)
+    else:
+        folder, parameters = resolve_checkpoint(model), None
+    document = read_checkpoint_config(folder)
+    try:
+        config = ModelConfig.from_dict(document["model"])
+    except (ConfigError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{folder / CONFIG}: invalid 'model' section ({err})") from err
+    return CheckpointSummary(
+        folder=Path(folder), is_demo=Path(folder).resolve() == DEMO_CHECKPOINT.resolve(),
+        config=config, parameters=parameters,
+        label_convention=document["label_convention"], training=document.get("training", {}),
+        metrics=document.get("metrics", {}), weights_sha256=document["weights_sha256"],
+        package_version=document.get("package_version", "?"))

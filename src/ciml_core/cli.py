@@ -65,10 +65,16 @@ overlap_fraction = _float_in(0.0, 1.0, "a fraction in [0, 1)")
 
 
 def patch_size(text: str) -> int:
-    """A positive multiple of 16 (the encoder halves the resolution four times)."""
+    """A cubic patch / image side that the network accepts (``check_spatial_size``)."""
+    from ciml_core.errors import ConfigError
+    from ciml_core.model.config import SIZE_DIVISOR, check_spatial_size
+
     value = positive_int(text)
-    if value % 16:
-        raise argparse.ArgumentTypeError(f"expected a positive multiple of 16, got {value}")
+    try:
+        check_spatial_size((value,), 1, what="size")
+    except ConfigError:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive multiple of {SIZE_DIVISOR}, got {value}") from None
     return value
 
 
@@ -267,9 +273,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from ciml_core.checkpoint import load_checkpoint
     from ciml_core.data.dataset import load_case
     from ciml_core.data.layouts import check_case_id
-    from ciml_core.distributed import cleanup, setup_distributed, shard
     from ciml_core.infer import input_warnings, predict_case, write_prediction
     from ciml_core.io import check_output_dir, output_path, refuse_existing
+    from ciml_core.runtime import cleanup, setup_distributed, shard
 
     out = check_output_dir(args.out)
     if args.case_id is not None:
@@ -287,6 +293,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         _refuse_output_inside_inputs(out, _case_paths(cases), args.allow_input_dir, flag=True)
         inputs = {p.resolve() for p in _case_paths(cases)}
         cases = shard(cases, ctx)
+        settings = _inference_settings(args, device=ctx.device)
         written = []
         for case_files in tqdm(cases, desc="cases", unit="case", disable=(not ctx.is_main) or None):
             cid = case_files.case_id
@@ -307,9 +314,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                 bar.total = total
                 bar.update(done - bar.n)
 
-            prediction = predict_case(loaded, case, overlap=args.overlap, mirror=args.tta,
-                                      device=ctx.device, progress=tick,
-                                      bf16=True if args.bf16 else None)
+            prediction = predict_case(loaded, case, settings, progress=tick)
             bar.close()
             written += write_prediction(prediction, case, out, probabilities=args.probabilities,
                                         overwrite=args.overwrite)
@@ -336,34 +341,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from ciml_core.checkpoint import load_checkpoint, read_checkpoint_config, resolve_checkpoint
-    from ciml_core.model import count_parameters
+    from ciml_core.checkpoint import describe, load_checkpoint, read_checkpoint_config
 
     document = read_checkpoint_config(args.model)
     loaded = load_checkpoint(args.model)  # also checks every tensor against the config
     if args.json:
         print(json.dumps(document, indent=2))
         return 0
-    model = document["model"]
-    training = document.get("training", {})
-    print(f"checkpoint      {resolve_checkpoint(args.model)}")
-    print(f"package         napari-ciml {document.get('package_version', '?')}")
-    print(f"variant         {model['variant']} (width C={model['width']}, norm {model['norm']}, "
-          f"patch {document['patch_size']}, {count_parameters(loaded.model):,} parameters)")
-    print(f"modalities      {', '.join(document['modalities'])}")
-    print(f"regions         {', '.join(document['regions'])} "
-          f"(labels: {document['label_convention']})")
-    print("decomposition")
-    for task in model["decomposition"]["tasks"]:
-        print(f"  {'+'.join(task['primary']):>12} -> {', '.join(task['regions'])}")
-    cfg = training.get("config", {})
-    if cfg:
-        print(f"training        {training.get('epochs_completed', '?')}/{cfg.get('epochs')} epochs x "
-              f"{cfg.get('iters_per_epoch')} iterations, batch {cfg.get('batch')}, seed "
-              f"{cfg.get('seed')}, {training.get('seconds', '?')} s, data {training.get('data')}")
-    if document.get("metrics"):
-        print(f"metrics         {json.dumps(document['metrics'])}")
-    print(f"weights sha256  {document['weights_sha256']}")
+    print("\n".join(describe(loaded).lines()))
     return 0
 
 
@@ -402,9 +387,9 @@ def _cmd_explain(args: argparse.Namespace) -> int:
             bar.total = total
             bar.update(done - bar.n)
 
-        explanations = explain_case(loaded, case, pairs, mode=args.mode, device=args.device,
-                                    progress=tick, method=args.method, extent=args.extent,
-                                    margin_mm=args.margin)
+        explanations = explain_case(loaded, case, pairs, _inference_settings(args),
+                                    mode=args.mode, progress=tick, method=args.method,
+                                    extent=args.extent, margin_mm=args.margin)
     written = write_explanations(explanations, case, out, overwrite=args.overwrite)
     reference = None
     if case.label is not None:
@@ -514,8 +499,9 @@ def _defaults_from_train_config(p: argparse.ArgumentParser) -> None:
                 action.nargs != 0:  # store_true flags stay False
             default = fields[action.dest]
             action.default = None
-            if action.help and default is not None and "default" not in action.help:
-                action.help += f" (default {default})"
+            if default is not None and "default" not in (action.help or ""):
+                action.help = f"{action.help} (default {default})" if action.help \
+                    else f"default {default}"
 
 
 def _train_settings(args: argparse.Namespace) -> dict:
@@ -535,34 +521,99 @@ def _train_settings(args: argparse.Namespace) -> dict:
     return given
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="ciml-core",
-        description="Train, evaluate and run CIML multimodal segmentation models.",
-    )
-    parser.add_argument("--version", action="version", version=f"ciml-core {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
+# -- the parser, built from the library's definitions ----------------------------------------------
+# Choices come from the registries (layouts, label conventions, variants, norms, phantom kinds,
+# explain modes) and defaults from the dataclasses (TrainConfig, InferenceSettings, ShapesConfig),
+# so that the command line cannot drift from the library.
+
+
+def _parent(build) -> argparse.ArgumentParser:
+    """An ``add_help=False`` parser holding the options ``build(parser)`` adds, for ``parents=``."""
+    parent = _Parser(add_help=False)
+    build(parent)
+    return parent
+
+
+def _inference_settings(args: argparse.Namespace, **changes):
+    """The :class:`~ciml_core.infer.InferenceSettings` that the options of
+    :func:`_inference_options` (or only ``--device``) gave."""
+    from ciml_core.infer import InferenceSettings
+
+    given = {"device": args.device}
+    if hasattr(args, "overlap"):
+        given.update(overlap=args.overlap, mirror=args.tta, bf16=True if args.bf16 else None)
+    return InferenceSettings(**{**given, **changes})
+
+
+def _device_option(p: argparse.ArgumentParser, default: str = "auto") -> None:
+    p.add_argument("--device", default=default,
+                   help=f"auto (CUDA when there is one), cpu or cuda (default {default})")
+
+
+def _inference_options(p: argparse.ArgumentParser) -> None:
+    """How windows run: InferenceSettings' fields and defaults."""
+    from ciml_core.infer import InferenceSettings
+
+    defaults = {f.name: f.default for f in dataclasses.fields(InferenceSettings)}
+    p.add_argument("--tta", action="store_true", help="8-way mirroring test-time augmentation")
+    p.add_argument("--bf16", action="store_true",
+                   help="bfloat16 autocast on the CPU too (always on CUDA): faster on CPUs with "
+                        "AVX512-BF16/AMX, probabilities differ by ~1e-2 (docs/performance.md)")
+    p.add_argument("--overlap", type=overlap_fraction, default=defaults["overlap"],
+                   help=f"sliding-window overlap (default {defaults['overlap']})")
+    _device_option(p, defaults["device"])
+
+
+def _model_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="demo", help="'demo' (the bundled model) or a checkpoint "
+                   "folder")
+
+
+def _out_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output folder (created if missing)")
+
+
+def _overwrite_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+
+
+def _layout_choices() -> list[str]:
+    from ciml_core.data.layouts import LAYOUTS
+
+    return ["auto", *LAYOUTS]
+
+
+def _label_choices() -> list[str]:
+    from ciml_core.data.labels import LABEL_CONVENTIONS
+
+    return list(LABEL_CONVENTIONS)
+
+
+def _add_phantom(sub, parents: dict) -> None:
+    from ciml_core.data.phantoms import KINDS
 
     p = sub.add_parser(
-        "phantom",
+        "phantom", parents=[parents["out"], parents["overwrite"]],
         help="write synthetic multimodal cases (BraTS-like glioma, ShapeComposition, PET/CT)",
         description="Write synthetic NIfTI cases with real affines. brats: BraTS 2020 layout "
         "(flair, t1, t1ce, t2, seg; labels 0/1/2/4); shapes: ShapeComposition pairs "
         "(primary triangle, auxiliary ellipse, union target); petct: autoPET layout "
         "(CTres, SUV, SEG).",
     )
-    p.add_argument("--kind", choices=["brats", "shapes", "petct"], required=True)
+    p.add_argument("--kind", choices=KINDS, required=True)
     p.add_argument("--cases", type=positive_int, default=1, help="number of cases (default 1)")
-    p.add_argument("--out", required=True, help="output folder (created if missing)")
     p.add_argument("--seed", type=nonnegative_int, default=0,
                    help="random seed; case i uses seed+i")
     p.add_argument(
         "--shape", type=_phantom_side, nargs=3, metavar=("X", "Y", "Z"),
         help="volume shape in voxels (brats default 96 96 64 at 2 mm; 240 240 155 is the BraTS grid)",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace cases that already exist")
     p.set_defaults(func=_cmd_phantom)
+
+
+def _add_train(sub, parents: dict) -> None:
+    from ciml_core.model.blocks import NORMS
+    from ciml_core.model.config import TRAINABLE_VARIANTS
 
     p = sub.add_parser(
         "train", help="train a CIML model (or an ablation / DynUNet) on a dataset folder",
@@ -573,43 +624,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", nargs="?", help="dataset root, case folder or manifest (omit for --demo)")
     p.add_argument("--out", required=True, help="run folder (checkpoints, logs, splits)")
     p.add_argument("--demo", action="store_true", help="train on generated BraTS-like phantoms")
-    p.add_argument("--demo-cases", type=positive_int, default=16, help="phantom cases for --demo (default 16)")
-    p.add_argument("--layout", default="auto",
-                   choices=["auto", "brats2020", "brats2023", "nnunet", "autopet", "hecktor",
-                            "manifest"])
-    p.add_argument("--labels", choices=["brats2020", "brats2023", "binary", "hecktor"],
+    p.add_argument("--demo-cases", type=positive_int, help="phantom cases for --demo")
+    p.add_argument("--layout", choices=_layout_choices())
+    p.add_argument("--labels", choices=_label_choices(),
                    help="label convention (default: the layout's)")
-    p.add_argument("--fold", type=_fold, default=0, help="cross-validation fold 0-4, -1 = all data")
-    p.add_argument("--epochs", type=positive_int, default=50)
-    p.add_argument("--iters-per-epoch", type=positive_int, default=100)
-    p.add_argument("--patch", type=patch_size, default=64, help="cubic patch size, multiple of 16")
-    p.add_argument("--batch", type=positive_int, default=2)
-    p.add_argument("--width", type=positive_int, default=16, help="base number of filters C")
-    p.add_argument("--variant", default="full",
-                   choices=["full", "baseline", "message", "attention", "vi", "dynunet"])
-    p.add_argument("--beta", type=nonnegative_float, default=0.5, help="KL weight (default 0.5)")
+    p.add_argument("--fold", type=_fold, help="cross-validation fold 0-4, -1 = all data")
+    p.add_argument("--epochs", type=positive_int)
+    p.add_argument("--iters-per-epoch", type=positive_int)
+    p.add_argument("--patch", type=patch_size, help="cubic patch size")
+    p.add_argument("--batch", type=positive_int)
+    p.add_argument("--width", type=positive_int, help="base number of filters C")
+    p.add_argument("--variant", choices=TRAINABLE_VARIANTS)
+    p.add_argument("--beta", type=nonnegative_float, help="KL weight")
     p.add_argument("--decomposition", metavar="JSON",
                    help="task decomposition file {modalities, regions, tasks: [{primary, regions}]} "
                    "(default: the paper's for the dataset's modalities; docs/training.md)")
-    p.add_argument("--norm", default="batch", choices=["batch", "instance"])
-    p.add_argument("--lr", type=positive_float, default=1e-4)
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--norm", choices=NORMS)
+    p.add_argument("--lr", type=positive_float)
+    p.add_argument("--device", help="auto (CUDA when there is one), cpu or cuda")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--init", metavar="CHECKPOINT",
                    help="fine-tune: start from this checkpoint's weights ('demo' or a folder; "
                    "same decomposition, width, variant and norm required), e.g. on a dataset "
                    "written by `ciml-core review-export`")
-    p.add_argument("--seed", type=nonnegative_int, default=0)
-    p.add_argument("--val-every", type=positive_int, default=5, help="validate every N epochs")
-    p.add_argument("--workers", type=nonnegative_int, default=2, help="DataLoader worker processes")
+    p.add_argument("--seed", type=nonnegative_int)
+    p.add_argument("--val-every", type=positive_int, help="validate every N epochs")
+    p.add_argument("--workers", type=nonnegative_int, help="DataLoader worker processes")
     p.add_argument("--no-augment", action="store_true", help="turn the augmentations off")
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
     _add_training_additions(p)
     _defaults_from_train_config(p)
     p.set_defaults(func=_cmd_train)
 
+
+def _add_predict(sub, parents: dict) -> None:
     p = sub.add_parser(
-        "predict", help="segment cases with a trained model (default: the bundled demo model)",
+        "predict", parents=[parents["out"], parents["model"], parents["inference"],
+                            parents["overwrite"]],
+        help="segment cases with a trained model (default: the bundled demo model)",
         description="INPUT is a case folder, a dataset root (every case), a manifest, or the "
         "image files of one case (MOD=PATH pairs, or paths whose names end in the modality, "
         "e.g. *_flair.nii.gz or *-t2f.nii.gz, in any order). "
@@ -617,40 +669,38 @@ def build_parser() -> argparse.ArgumentParser:
         "affine and header.",
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--model", default="demo", help="'demo' or a checkpoint folder")
-    p.add_argument("--tta", action="store_true", help="8-way mirroring test-time augmentation")
-    p.add_argument("--bf16", action="store_true",
-                   help="bfloat16 autocast on the CPU too (always on CUDA): faster on CPUs with "
-                        "AVX512-BF16/AMX, probabilities differ by ~1e-2 (docs/performance.md)")
-    p.add_argument("--overlap", type=overlap_fraction, default=0.5, help="sliding-window overlap (0.5)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--probabilities", action="store_true",
                    help="also write <case>_prob_<region>.nii.gz")
     p.add_argument("--case-id", help="case name when INPUT is a list of files (default: the "
                    "common prefix of their names); a plain file name")
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--allow-input-dir", action="store_true",
                    help="allow --out to be inside an input folder")
     p.set_defaults(func=_cmd_predict)
 
+
+def _add_evaluate(sub, parents: dict) -> None:
     p = sub.add_parser(
-        "evaluate", help="Dice and HD95 per region and case against reference labels",
+        "evaluate", parents=[parents["overwrite"]],
+        help="Dice and HD95 per region and case against reference labels",
         description="Compare <case>.nii.gz predictions with reference labels (a dataset folder "
         "or a flat folder of <case>.nii.gz). BraTS rules for empty masks.",
     )
     p.add_argument("pred_dir")
     p.add_argument("ref_dir")
-    p.add_argument("--labels", default="brats2020",
-                   choices=["brats2020", "brats2023", "binary", "hecktor"])
+    p.add_argument("--labels", default="brats2020", choices=_label_choices())
     p.add_argument("--out", help="report CSV path (a JSON is written beside it)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing report")
     p.add_argument("--allow-missing", action="store_true",
                    help="score a reference case without prediction as an empty prediction")
     p.set_defaults(func=_cmd_evaluate)
 
+
+def _add_explain(sub, parents: dict) -> None:
+    from ciml_core.explain import EXTENTS, METHODS, MODES, TARGET_MARGIN_MM
+
     p = sub.add_parser(
-        "explain", help="Grad-CAM heatmaps and complementary-information weights of a case",
+        "explain", parents=[parents["out"], parents["model"], parents["device"],
+                            parents["overwrite"]],
+        help="Grad-CAM heatmaps and complementary-information weights of a case",
         description="Per (primary modality : region) pair, Grad-CAM heatmaps of each auxiliary "
         "modality's complementary representation (paper 4.6, Eq. 14-15) and their weights "
         "(Eq. 16-17). CASE is one case folder. Writes <case>_heatmap_<PAIR>_from_<AUX>.nii.gz "
@@ -658,50 +708,57 @@ def build_parser() -> argparse.ArgumentParser:
         "Fig. 16) and <case>_weights.png (Fig. 18). See docs/interpretability.md.",
     )
     p.add_argument("case", metavar="CASE", help="a case folder of any supported layout")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--model", default="demo", help="'demo' or a checkpoint folder")
     p.add_argument("--pairs", default="all",
                    help="'all' (default) or a comma-separated list such as FLAIR:WT,T1CE:ET")
-    p.add_argument("--mode", default="roi", choices=["roi", "sliding"],
+    p.add_argument("--mode", default=MODES[0], choices=MODES,
                    help="roi: one patch-sized window centred on the predicted tumour (default, "
                    "fast); sliding: every sliding window, Gaussian-stitched")
-    p.add_argument("--method", default="gradcam", choices=["gradcam", "hirescam"],
+    p.add_argument("--method", default=METHODS[0], choices=METHODS,
                    help="gradcam: the paper's mean-gradient alpha (default); hirescam: the "
                    "gradient at each voxel times the activation there")
-    p.add_argument("--extent", default="target", choices=["target", "window"],
+    p.add_argument("--extent", default=EXTENTS[0], choices=EXTENTS,
                    help="target: heatmaps and weights count only heat within --margin of the "
                    "pair's predicted region (default); window: every voxel, as the paper")
-    p.add_argument("--margin", type=float, default=8.0, metavar="MM",
+    p.add_argument("--margin", type=nonnegative_float, default=TARGET_MARGIN_MM, metavar="MM",
                    help="dilation of the target for --extent target and the inside fraction "
-                   "(default 8 mm)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+                   f"(default {TARGET_MARGIN_MM:g} mm)")
     p.set_defaults(func=_cmd_explain)
 
+
+def _add_shapes(sub, parents: dict) -> None:
+    from ciml_core.shapes_experiment import ShapesConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(ShapesConfig)}
     p = sub.add_parser(
-        "shapes", help="the ShapeComposition experiment (paper 4.3): redundancy filtering",
+        "shapes", parents=[parents["out"], parents["overwrite"]],
+        help="the ShapeComposition experiment (paper 4.3): redundancy filtering",
         description="Train the two-encoder ShapeComposition network on generated triangle / "
         "ellipse pairs, then write shapes_fig13.png (paper Fig. 13) and shapes_result.json with "
         "the redundancy-filtering ratio (mean |complementary map| on auxiliary-only pixels / on "
         "the overlap, held-out pairs) and the Dice. --beta 0 trains without the KL term.",
     )
-    p.add_argument("--out", required=True, help="output folder")
-    # 600 = shapes_experiment.DEFAULT_STEPS (not imported here: --help must not load torch).
-    p.add_argument("--steps", type=positive_int, default=600, help="optimiser steps (default 600)")
-    p.add_argument("--beta", type=nonnegative_float, default=0.5,
-                   help="KL weight; 0 = without KL (0.5)")
-    p.add_argument("--seed", type=nonnegative_int, default=0)
-    p.add_argument("--size", type=patch_size, default=64, help="image size, multiple of 16 (64)")
-    p.add_argument("--width", type=positive_int, default=4, help="base number of filters C (4)")
-    p.add_argument("--train-pairs", type=positive_int, default=1000,
-                   help="generated training pairs (1000, as the paper)")
-    p.add_argument("--eval-pairs", type=positive_int, default=100, help="held-out pairs (100)")
-    p.add_argument("--device", default="cpu", help="cpu (default), auto or cuda")
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--steps", type=positive_int, default=defaults["steps"],
+                   help=f"optimiser steps (default {defaults['steps']})")
+    p.add_argument("--beta", type=nonnegative_float, default=defaults["beta"],
+                   help=f"KL weight; 0 = without KL (default {defaults['beta']})")
+    p.add_argument("--seed", type=nonnegative_int, default=defaults["seed"])
+    p.add_argument("--size", type=patch_size, default=defaults["size"],
+                   help=f"image size (default {defaults['size']})")
+    p.add_argument("--width", type=positive_int, default=defaults["width"],
+                   help=f"base number of filters C (default {defaults['width']})")
+    p.add_argument("--train-pairs", type=positive_int, default=defaults["train_pairs"],
+                   help=f"generated training pairs (default {defaults['train_pairs']}, as the "
+                   "paper)")
+    p.add_argument("--eval-pairs", type=positive_int, default=defaults["eval_pairs"],
+                   help=f"held-out pairs (default {defaults['eval_pairs']})")
+    _device_option(p, defaults["device"])
     p.set_defaults(func=_cmd_shapes)
 
+
+def _add_review_summary(sub, parents: dict) -> None:
     p = sub.add_parser(
-        "review-summary", help="summary of review sessions: decisions, Dice model vs final mask, "
+        "review-summary", parents=[parents["overwrite"]],
+        help="summary of review sessions: decisions, Dice model vs final mask, "
         "time per case, inter-reader Dice",
         description="Write review_summary.csv (one row per session and case), review_summary.md "
         "and review_summary.png (decisions per category, per-region Dice between the model "
@@ -711,8 +768,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("sessions", nargs="+", metavar="SESSION_DIR", help="review session folder(s)")
     p.add_argument("--out", help="output folder (default: the first session folder)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing summary")
     p.set_defaults(func=_cmd_review_summary)
+
+
+def _add_review_export(sub, parents: dict) -> None:
+    from ciml_core.review.export import LINK_MODES
 
     p = sub.add_parser(
         "review-export", help="a review session's accepted and corrected cases as a dataset",
@@ -722,15 +782,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("session", metavar="SESSION_DIR", help="review session folder")
     p.add_argument("--out", required=True, help="new dataset folder (must not exist, or be empty)")
-    p.add_argument("--link", default="copy", choices=["copy", "hardlink", "symlink"],
+    p.add_argument("--link", default=LINK_MODES[0], choices=LINK_MODES,
                    help="how the images get there (default copy; hardlink falls back to copy "
                    "across file systems)")
     p.set_defaults(func=_cmd_review_export)
 
+
+def _add_info(sub, parents: dict) -> None:
     p = sub.add_parser("info", help="show a checkpoint's configuration, training and metrics")
     p.add_argument("model", nargs="?", default="demo", help="'demo' (default) or a checkpoint")
     p.add_argument("--json", action="store_true", help="print config.json as is")
     p.set_defaults(func=_cmd_info)
+
+
+COMMANDS = (_add_phantom, _add_train, _add_predict, _add_evaluate, _add_explain, _add_shapes,
+            _add_review_summary, _add_review_export, _add_info)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="ciml-core",
+        description="Train, evaluate and run CIML multimodal segmentation models.",
+    )
+    parser.add_argument("--version", action="version", version=f"ciml-core {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    parents = {"out": _parent(_out_option), "overwrite": _parent(_overwrite_option),
+               "model": _parent(_model_option), "device": _parent(_device_option),
+               "inference": _parent(_inference_options)}
+    for add in COMMANDS:
+        add(sub, parents)
     return parser
 
 

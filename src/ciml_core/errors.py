@@ -32,3 +32,8 @@ class CheckpointError(CimlError, ValueError):
 class OutputError(CimlError, OSError):
     """An output cannot be written where asked: the folder is a file, not writable, or a name
     would land outside it."""
+
+
+class Cancelled(CimlError):
+    """Raised inside a run when the user asked to stop (Cancel button, progress callback);
+    nothing is written."""

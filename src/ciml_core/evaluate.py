@@ -33,8 +33,8 @@ from tqdm import tqdm
 
 from ciml_core.data.labels import LabelConvention, get_convention, validate_label_values
 from ciml_core.data.layouts import discover_cases
-from ciml_core.data.nifti import AFFINE_TOLERANCE_MM, Volume, is_nifti_path, load_volume
-from ciml_core.errors import ConfigError, GeometryError, InputDataError
+from ciml_core.data.nifti import Volume, check_grid, is_nifti_path, load_volume
+from ciml_core.errors import ConfigError, InputDataError
 from ciml_core.io import atomic_write_text, refuse_existing
 from ciml_core.metrics import HD95_EMPTY, METRIC_NAMES, region_metrics
 
@@ -175,9 +175,9 @@ class EvaluationReport:
             ConfigError: ``out`` ends in .json (the JSON goes beside the CSV).
         """
         csv_path, json_path = output_paths(out)
-        _refuse_existing((csv_path, json_path), overwrite)
-        _atomic_write_text(csv_path, self.to_csv(), overwrite=overwrite)
-        _atomic_write_text(json_path, self.to_json(), overwrite=overwrite)
+        refuse_existing((csv_path, json_path), overwrite)  # early; each write refuses atomically
+        atomic_write_text(csv_path, self.to_csv(), overwrite=overwrite)
+        atomic_write_text(json_path, self.to_json(), overwrite=overwrite)
         self.outputs = (csv_path, json_path)
         return csv_path, json_path
 
@@ -222,16 +222,6 @@ def output_paths(out: str | os.PathLike) -> tuple[Path, Path]:
             "written beside it with the same name"
         )
     return csv_path, csv_path.with_suffix(".json")
-
-
-def _refuse_existing(paths: tuple[Path, ...], overwrite: bool) -> None:
-    refuse_existing(paths, overwrite)
-
-
-def _atomic_write_text(path: Path, text: str, *, overwrite: bool) -> None:
-    """Write atomically (:mod:`ciml_core.io`): never a half-written file, and without
-    ``overwrite`` an existing (or concurrently created) file is refused, not replaced."""
-    atomic_write_text(path, text, overwrite=overwrite)
 
 
 # -- pairing -------------------------------------------------------------------------------------
@@ -349,22 +339,12 @@ def _same_file(a: Path, b: Path) -> bool:
 def check_same_canonical_grid(pred: Volume, ref: Volume) -> None:
     """Raise GeometryError naming both files unless they cover the same voxel grid.
 
-    The comparison is made in canonical voxel order (shape and affine, tolerance 1e-3 mm), the
-    order both arrays are compared in, so a prediction stored in another axis order or flip of
-    the same grid is accepted.
+    The comparison is made in canonical voxel order (:func:`~ciml_core.data.nifti.grid_mismatch`:
+    shape and affine, tolerance 1e-3 mm), the order both arrays are compared in, so a prediction
+    stored in another axis order or flip of the same grid is accepted.
     """
-    p, r = pred.source, ref.source
-    if p.canonical_shape != r.canonical_shape:
-        raise GeometryError(
-            f"prediction {p.path} has shape {p.shape} but reference {r.path} has shape "
-            f"{r.shape}; they must share one voxel grid"
-        )
-    diff = float(np.abs(p.canonical_affine - r.canonical_affine).max())
-    if diff > AFFINE_TOLERANCE_MM:
-        raise GeometryError(
-            f"prediction {p.path} and reference {r.path} have affines that differ by up to "
-            f"{diff:.4g} mm (tolerance {AFFINE_TOLERANCE_MM} mm); they must share one voxel grid"
-        )
+    check_grid(pred.source, ref.source, what=("prediction", "reference"),
+               hint="they must share one voxel grid")
 
 
 def score_case(
@@ -424,7 +404,7 @@ def evaluate_folders(
     convention = get_convention(labels)
     pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
     if out is not None:  # fail before the work, not after it
-        _refuse_existing(output_paths(out), overwrite)
+        refuse_existing(output_paths(out), overwrite)
     pairs = pair_cases(find_predictions(pred_dir), find_references(ref_dir),
                        allow_missing=allow_missing)
     disable = None if progress is None else not progress
@@ -446,7 +426,7 @@ def evaluate_folders(
 
 
 def score_model(
-    loaded, cases, label_convention: str, *, device: str = "auto", nesting: str = "union"
+    loaded, cases, label_convention: str, settings=None, *, nesting: str = "union"
 ) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, dict[str, float]]]:
     """Predict labelled cases in memory and score them: ``(per_case, mean)``.
 
@@ -454,6 +434,7 @@ def score_model(
     (e.g. from :func:`discover_cases`). ``per_case[case_id][region]`` holds ``dice`` and
     ``hd95`` (BraTS rules); ``mean[region]`` their means over the cases. For benchmarks and
     experiments; ``ciml-core evaluate`` scores files written by ``predict`` instead.
+    ``settings``: an :class:`~ciml_core.infer.InferenceSettings` (None: the defaults).
     """
     from ciml_core.data.dataset import load_case
     from ciml_core.infer import predict_case
@@ -461,7 +442,7 @@ def score_model(
     per_case = {}
     for files in cases:
         case = load_case(files, loaded.modalities, label_convention=label_convention)
-        prediction = predict_case(loaded, case, device=device, nesting=nesting)
+        prediction = predict_case(loaded, case, settings, nesting=nesting)
         per_case[case.case_id] = region_metrics(prediction.label, case.label, label_convention,
                                                 case.spacing)
     regions = next(iter(per_case.values()))

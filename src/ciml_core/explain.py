@@ -29,7 +29,7 @@ Whole volumes (``mode``):
   predicted region, then the centre of the imaged box), zero-padded where the image is smaller.
   One forward pass per distinct window (pairs of one region share it) and one backward pass per
   pair. The maps are zero outside the window.
-- ``"sliding"``: Grad-CAM in every sliding window (overlap 0.5, as the prediction), each with its
+- ``"sliding"``: Grad-CAM in every sliding window (the settings' overlap, as the prediction), each with its
   own alpha, stitched with MONAI's Gaussian weighting exactly like the prediction. Slower (one
   forward and one backward per pair per window) but covers the whole volume.
 """
@@ -59,7 +59,7 @@ from ciml_core.data.nifti import write_like
 from ciml_core.data.patches import extract_patch
 from ciml_core.data.preprocess import crop, preprocess_image, uncrop
 from ciml_core.errors import ConfigError, InputDataError
-from ciml_core.infer import count_windows, resolve_device, sliding_window_predict
+from ciml_core.infer import InferenceSettings, ProgressFn, count_windows, sliding_window_predict
 from ciml_core.model import TaskDecomposition, probabilities_to_region_masks
 from ciml_core.model.config import check_spatial_size
 
@@ -76,12 +76,8 @@ EXTENTS = ("target", "window")
 TARGET_MARGIN_MM = 8.0
 #: CIG level whose representations are explained (paper 4.6: the shallowest, P/2, C channels).
 EXPLAINED_LEVEL = 1
-#: Sliding-window overlap of ``mode="sliding"`` (the prediction's default).
-SLIDING_OVERLAP = 0.5
 WEIGHTS_CSV = "weights.csv"
 WEIGHTS_JSON = "weights.json"
-
-ProgressFn = Callable[[int, int], None]
 
 
 @dataclass
@@ -424,7 +420,7 @@ class _Counter:
     def step(self, n: int = 1) -> None:
         self.done += n
         if self.progress is not None:
-            # Exceptions (ciml_core.infer.Cancelled) propagate: that is how a run is cancelled.
+            # Exceptions (ciml_core.errors.Cancelled) propagate: that is how a run is cancelled.
             self.progress(self.done, self.total)
 
 
@@ -453,51 +449,8 @@ def _check_inputs(loaded: LoadedModel, case: LoadedCase, mode: str,
         )
 
 
-def explain_case(
-    loaded: LoadedModel,
-    case: LoadedCase,
-    pairs: Sequence[tuple[int, str]] | str | None = None,
-    *,
-    target_mask: np.ndarray | None = None,
-    mode: str = "roi",
-    device: str | torch.device = "auto",
-    progress: ProgressFn | None = None,
-    prediction: np.ndarray | None = None,
-    overlap: float = SLIDING_OVERLAP,
-    method: str = "gradcam",
-    extent: str = "target",
-    margin_mm: float = TARGET_MARGIN_MM,
-    roi_size: int | None = None,
-) -> list[PairExplanation]:
-    """Grad-CAM heatmaps and complementary-information weights of ``pairs`` on one case.
-
-    Args:
-        loaded: a CIML checkpoint (``load_checkpoint``).
-        case: the case (``load_case`` with ``loaded.modalities``).
-        pairs: (segmentor, region) pairs, a ``parse_pairs`` string, or None for every pair.
-        target_mask: a user ROI (boolean, the image grid in canonical order): y^k sums the region
-            logit over it instead of over the predicted region.
-        mode: ``"roi"`` (one window centred on the tumour) or ``"sliding"`` (every window,
-            Gaussian-stitched); see the module docstring.
-        device: "auto", "cpu", "cuda", ... (windows run there, the volume stays on the CPU).
-        progress: ``progress(done, total)`` after each prediction window and each backward pass
-            (``"roi"``) or Grad-CAM window (``"sliding"``); an exception raised in it (e.g.
-            :class:`ciml_core.infer.Cancelled`) stops the run and propagates.
-        prediction: per-region probabilities ``(R, *grid)`` already computed for this case
-            (``CasePrediction.probabilities``); saves predicting again when no ``target_mask``.
-        overlap: sliding-window overlap for ``mode="sliding"`` and the prediction.
-        method: :data:`METHODS`.
-        extent: "target": heatmaps and weights count only the heat inside the target dilated by
-            ``margin_mm`` (what the pair's region is about); "window": all of it (the paper).
-            ``inside_fraction`` is reported either way.
-        margin_mm: the target's dilation for ``extent`` and ``inside_fraction``.
-        roi_size: ``mode="roi"``: the explained window's size per axis (a multiple of 16) instead
-            of the model's patch size (the sensitivity study of docs/interpretability.md).
-
-    Returns:
-        One :class:`PairExplanation` per pair, in the order given.
-    """
-    _check_inputs(loaded, case, mode, target_mask, prediction)
+def _check_options(method: str, extent: str, margin_mm: float, roi_size: int | None,
+                   spatial_dims: int) -> None:
     if method not in METHODS:
         raise ConfigError(f"method: expected one of {list(METHODS)}, got {method!r}")
     if extent not in EXTENTS:
@@ -505,9 +458,13 @@ def explain_case(
     if not margin_mm >= 0:
         raise ConfigError(f"margin: expected a distance >= 0 mm, got {margin_mm!r}")
     if roi_size is not None:
-        check_spatial_size((roi_size,) * loaded.config.spatial_dims, loaded.config.spatial_dims,
-                           what="roi_size")
-    decomposition = loaded.config.decomposition
+        check_spatial_size((roi_size,) * spatial_dims, spatial_dims, what="roi_size")
+
+
+def resolve_pairs(model: nn.Module, decomposition: TaskDecomposition,
+                  pairs: Sequence[tuple[int, str]] | str | None) -> list[tuple[int, str]]:
+    """``pairs`` as a checked list: None -> every pair, a string -> :func:`parse_pairs`; each must
+    be a pair of ``decomposition`` whose segmentor has complementary-information gates."""
     if pairs is None:
         pairs = list_pairs(decomposition)
     elif isinstance(pairs, str):
@@ -520,10 +477,101 @@ def explain_case(
                               f"valid: {valid}")
     if not pairs:
         raise ConfigError("no pair to explain")
-    model = loaded.model
     for i in {i for i, _ in pairs}:
         _gates(model, i)  # fail early, before predicting, on a model without CIGs
-    dev = resolve_device(device)
+    return pairs
+
+
+@dataclass
+class _Targets:
+    """What each pair's y^k sums over, on the cropped grid."""
+
+    masks: np.ndarray  # (channels, *cropped grid) bool
+    channels: list[int]  # per pair, its channel in ``masks``
+    source: str  # "mask" (a user ROI) or "prediction"
+
+
+def _targets(loaded: LoadedModel, image: np.ndarray, box, pairs: list[tuple[int, str]],
+             target_mask: np.ndarray | None, prediction: np.ndarray | None,
+             settings: InferenceSettings, counter: _Counter) -> _Targets:
+    """The user ROI (one channel for every pair), else each pair's predicted region: from
+    ``prediction`` when given, else predicted here (counted on ``counter``)."""
+    if target_mask is not None:
+        masks = crop(np.asarray(target_mask, dtype=bool), box)[None]
+        return _Targets(masks, [0] * len(pairs), "mask")
+    if prediction is None:
+        probs = sliding_window_predict(loaded.model, image, loaded.config.patch_size, settings,
+                                       progress=lambda done, total: counter.step())
+    else:
+        probs = crop(np.asarray(prediction, dtype=np.float32), box)
+    masks = probabilities_to_region_masks(torch.from_numpy(np.ascontiguousarray(probs))[None],
+                                          loaded.regions)[0].numpy()
+    decomposition = loaded.config.decomposition
+    return _Targets(masks, [decomposition.region_index(r) for _, r in pairs], "prediction")
+
+
+@dataclass
+class _PairMaps:
+    """What one explaining pass yields for one pair, on the cropped grid."""
+
+    image_maps: np.ndarray  # (auxiliaries, *grid) heat per auxiliary modality
+    level_maps: np.ndarray | None  # (auxiliaries, *level grid), ``roi`` mode only
+    window: tuple[tuple[int, int], ...] | None  # the explained window (``roi`` mode)
+    centre: tuple[float, ...] | None
+    target: np.ndarray  # the pair's target as the pass saw it (bool)
+
+
+def explain_case(
+    loaded: LoadedModel,
+    case: LoadedCase,
+    pairs: Sequence[tuple[int, str]] | str | None = None,
+    settings: InferenceSettings | None = None,
+    *,
+    target_mask: np.ndarray | None = None,
+    mode: str = "roi",
+    progress: ProgressFn | None = None,
+    prediction: np.ndarray | None = None,
+    method: str = "gradcam",
+    extent: str = "target",
+    margin_mm: float = TARGET_MARGIN_MM,
+    roi_size: int | None = None,
+) -> list[PairExplanation]:
+    """Grad-CAM heatmaps and complementary-information weights of ``pairs`` on one case.
+
+    Args:
+        loaded: a CIML checkpoint (``load_checkpoint``).
+        case: the case (``load_case`` with ``loaded.modalities``).
+        pairs: (segmentor, region) pairs, a ``parse_pairs`` string, or None for every pair.
+        settings: where the windows run (the volume stays on the CPU) and the sliding-window
+            overlap of ``mode="sliding"`` and of the prediction; ``mirror`` is not used and the
+            explained network is never fused (Grad-CAM needs each segmentor's gates).
+        target_mask: a user ROI (boolean, the image grid in canonical order): y^k sums the region
+            logit over it instead of over the predicted region.
+        mode: ``"roi"`` (one window centred on the tumour) or ``"sliding"`` (every window,
+            Gaussian-stitched); see the module docstring.
+        progress: ``progress(done, total)`` after each prediction window and each backward pass
+            (``"roi"``) or Grad-CAM window (``"sliding"``); an exception raised in it (e.g.
+            :class:`ciml_core.errors.Cancelled`) stops the run and propagates.
+        prediction: per-region probabilities ``(R, *grid)`` already computed for this case
+            (``CasePrediction.probabilities``); saves predicting again when no ``target_mask``.
+        method: :data:`METHODS`.
+        extent: "target": heatmaps and weights count only the heat inside the target dilated by
+            ``margin_mm`` (what the pair's region is about); "window": all of it (the paper).
+            ``inside_fraction`` is reported either way.
+        margin_mm: the target's dilation for ``extent`` and ``inside_fraction``.
+        roi_size: ``mode="roi"``: the explained window's size per axis (a multiple of 16) instead
+            of the model's patch size (the sensitivity study of docs/interpretability.md).
+
+    Returns:
+        One :class:`PairExplanation` per pair, in the order given.
+    """
+    settings = settings or InferenceSettings()
+    _check_inputs(loaded, case, mode, target_mask, prediction)
+    _check_options(method, extent, margin_mm, roi_size, loaded.config.spatial_dims)
+    decomposition = loaded.config.decomposition
+    model = loaded.model
+    pairs = resolve_pairs(model, decomposition, pairs)
+    dev = settings.resolved_device()
     model.to(dev).eval()
     patch = tuple(loaded.config.patch_size)
     pre = preprocess_image(case.image, case.modalities,
@@ -531,49 +579,42 @@ def explain_case(
     cropped_shape = pre.image.shape[1:]
 
     need_prediction = target_mask is None and prediction is None
-    n_pred = count_windows(cropped_shape, patch, overlap) if need_prediction else 0
-    n_cam = len(pairs) if mode == "roi" else count_windows(cropped_shape, patch, overlap)
+    n_pred = count_windows(cropped_shape, patch, settings.overlap) if need_prediction else 0
+    n_cam = len(pairs) if mode == "roi" else count_windows(cropped_shape, patch, settings.overlap)
     counter = _Counter(n_pred + n_cam, progress)
-
-    # Target masks on the cropped grid: one channel per region, or one channel for the ROI.
-    if target_mask is not None:
-        targets = crop(np.asarray(target_mask, dtype=bool), pre.box)[None]
-        target_channels = [0] * len(pairs)
-        source = "mask"
-    else:
-        if prediction is None:
-            probs = sliding_window_predict(loaded, pre.image, overlap=overlap, device=dev,
-                                           progress=lambda done, total: counter.step())
-        else:
-            probs = crop(np.asarray(prediction, dtype=np.float32), pre.box)
-        targets = probabilities_to_region_masks(torch.from_numpy(np.ascontiguousarray(probs))[None],
-                                                loaded.regions)[0].numpy()
-        target_channels = [decomposition.region_index(r) for _, r in pairs]
-        source = "prediction"
+    targets = _targets(loaded, pre.image, pre.box, pairs, target_mask, prediction, settings,
+                       counter)
 
     num_messages = decomposition.num_tasks - 1
     if mode == "roi":
         window = patch if roi_size is None else (roi_size,) * len(patch)
-        results = _explain_roi(model, pre.image, targets, pairs, target_channels, window, dev,
-                               num_messages, counter, decomposition, source == "mask", method)
+        maps = _explain_roi(model, pre.image, targets, pairs, window, dev, num_messages, counter,
+                            decomposition, method)
     else:
-        results = _explain_sliding(model, pre.image, targets, pairs, target_channels, patch, dev,
-                                   num_messages, counter, overlap, method)
-    bounds = {}  # per target channel: the target dilated by margin_mm, cropped grid
-    for channel in set(target_channels):
-        bounds[channel] = dilate_mm(targets[channel], case.spacing, margin_mm)
+        maps = _explain_sliding(model, pre.image, targets, pairs, patch, dev, num_messages,
+                                counter, settings.overlap, method)
+    return _assemble(model, decomposition, case, pre.box, pairs, targets, maps, mode=mode,
+                     method=method, extent=extent, margin_mm=margin_mm)
 
+
+def _assemble(model: nn.Module, decomposition: TaskDecomposition, case: LoadedCase, box,
+              pairs: list[tuple[int, str]], targets: _Targets, maps: list[_PairMaps], *,
+              mode: str, method: str, extent: str, margin_mm: float) -> list[PairExplanation]:
+    """Bound the maps to the dilated targets, weigh them and put them back on the image grid."""
+    bounds = {channel: dilate_mm(targets.masks[channel], case.spacing, margin_mm)
+              for channel in set(targets.channels)}
+    shift = [s.start for s in box.slices]
     explanations = []
-    for p, (i, region) in enumerate(pairs):
-        image_maps, level_maps, window, centre, target = results[p]
+    for (i, region), channel, pair_maps in zip(pairs, targets.channels, maps, strict=True):
         names = auxiliary_names(model, decomposition, i)
-        bound = bounds[target_channels[p]]
+        bound = bounds[channel]
+        image_maps = pair_maps.image_maps
         inside = {name: inside_fraction(image_maps[m], bound) for m, name in enumerate(names)}
         if extent == "target":
             image_maps = image_maps * bound
-        heatmaps = {name: uncrop(image_maps[m].astype(np.float32), pre.box, fill=0.0)
+        heatmaps = {name: uncrop(image_maps[m].astype(np.float32), box, fill=0.0)
                     for m, name in enumerate(names)}
-        shift = [s.start for s in pre.box.slices]
+        window, centre = pair_maps.window, pair_maps.centre
         explanations.append(PairExplanation(
             segmentor=i,
             primary=decomposition.tasks[i].name,
@@ -582,10 +623,10 @@ def explain_case(
             heatmaps=heatmaps,
             weights=complementary_weights(heatmaps),
             heat_sums=heat_sums(heatmaps),
-            level_maps=({name: level_maps[m] for m, name in enumerate(names)}
-                        if level_maps is not None else {}),
-            target=uncrop(target, pre.box, fill=False),
-            target_source=source,
+            level_maps=({name: pair_maps.level_maps[m] for m, name in enumerate(names)}
+                        if pair_maps.level_maps is not None else {}),
+            target=uncrop(pair_maps.target, box, fill=False),
+            target_source=targets.source,
             mode=mode,
             window=(tuple((a + o, b + o) for (a, b), o in zip(window, shift, strict=True))
                     if window is not None else None),
@@ -635,42 +676,43 @@ def _roi_centre(targets: np.ndarray, channel: int, decomposition: TaskDecomposit
     return tuple((n - 1) / 2 for n in targets.shape[1:])
 
 
-def _explain_roi(model, image, targets, pairs, target_channels, patch, dev, num_messages,
-                 counter, decomposition, source_is_mask, method):
+def _explain_roi(model, image, targets: _Targets, pairs, patch, dev, num_messages, counter,
+                 decomposition, method) -> list[_PairMaps]:
     shape = image.shape[1:]
     # Group the pairs by window so that pairs sharing a target share the forward pass.
     windows: dict[tuple[tuple[int, int], ...], list[int]] = {}
     centres = []
-    for p, channel in enumerate(target_channels):
-        centre = _roi_centre(targets, channel, decomposition, source_is_mask)
+    for channel in targets.channels:
+        centre = _roi_centre(targets.masks, channel, decomposition, targets.source == "mask")
         centres.append(centre)
-        windows.setdefault(_roi_window(centre, shape, patch), []).append(p)
+        windows.setdefault(_roi_window(centre, shape, patch), []).append(len(centres) - 1)
     results: list[Any] = [None] * len(pairs)
     for window, members in windows.items():
         x = torch.from_numpy(_extract(image, window))[None].to(dev)
-        t = torch.from_numpy(_extract(targets, window))[None].to(dev)
+        t = torch.from_numpy(_extract(targets.masks, window))[None].to(dev)
         image_maps, level_maps = gradcam_window(
-            model, x, t, [pairs[p] for p in members], [target_channels[p] for p in members],
+            model, x, t, [pairs[p] for p in members], [targets.channels[p] for p in members],
             num_messages=num_messages, on_backward=counter.step, method=method,
         )
         image_maps, level_maps = image_maps.cpu().numpy(), level_maps.cpu().numpy()
         for j, p in enumerate(members):
-            target = _paste(_extract(targets[target_channels[p]], window), window, shape)
-            results[p] = (_paste(image_maps[j], window, shape), level_maps[j], window,
-                          centres[p], target)
+            target = _paste(_extract(targets.masks[targets.channels[p]], window), window, shape)
+            results[p] = _PairMaps(_paste(image_maps[j], window, shape), level_maps[j], window,
+                                   centres[p], target)
     return results
 
 
-def _explain_sliding(model, image, targets, pairs, target_channels, patch, dev, num_messages,
-                     counter, overlap, method):
+def _explain_sliding(model, image, targets: _Targets, pairs, patch, dev, num_messages, counter,
+                     overlap, method) -> list[_PairMaps]:
     n_channels = image.shape[0]
     # The target masks ride along as extra input channels, so that MONAI cuts (and pads) them
     # exactly like the image and the stitching is the prediction's own.
-    stacked = np.concatenate([image, targets.astype(np.float32)])
+    stacked = np.concatenate([image, targets.masks.astype(np.float32)])
 
     def predictor(window: Tensor) -> Tensor:
         maps, _ = gradcam_window(model, window[:, :n_channels], window[:, n_channels:] > 0.5,
-                                 pairs, target_channels, num_messages=num_messages, method=method)
+                                 pairs, targets.channels, num_messages=num_messages,
+                                 method=method)
         counter.step()
         return maps.reshape(1, len(pairs) * num_messages, *maps.shape[2:]).detach()
 
@@ -682,11 +724,9 @@ def _explain_sliding(model, image, targets, pairs, target_channels, patch, dev, 
     maps = stitched[0].reshape(len(pairs), num_messages, *image.shape[1:]).numpy()
     # Gaussian blending of maps >= 0 stays >= 0 up to rounding; clip the rounding.
     maps = np.clip(maps, 0, None)
-    results = []
-    for p, channel in enumerate(target_channels):
-        target = targets[channel]
-        results.append((maps[p], None, None, _centre_of_mass(target), target))
-    return results
+    return [_PairMaps(maps[p], None, None, _centre_of_mass(targets.masks[channel]),
+                      targets.masks[channel])
+            for p, channel in enumerate(targets.channels)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -731,18 +771,6 @@ def weights_table(explanations: Sequence[PairExplanation], case_id: str) -> list
     return rows
 
 
-def atomic_write(path: Path, write: Callable[[Any], None], *, binary: bool = False,
-                 overwrite: bool = True) -> Path:
-    """Write ``path`` atomically; ``write(fh)`` fills the open file. Kept for its callers: the
-    one implementation is :func:`ciml_core.io.atomic_write` (temporary file in the same folder,
-    mode 0644; ``overwrite=False`` refuses an existing file atomically)."""
-    return _io.atomic_write(path, write, binary=binary, overwrite=overwrite)
-
-
-def _atomic_write_text(path: Path, text: str, *, overwrite: bool = False) -> Path:
-    return _io.atomic_write_text(path, text, overwrite=overwrite)
-
-
 def write_explanations(
     explanations: Sequence[PairExplanation],
     case: LoadedCase,
@@ -769,8 +797,8 @@ def write_explanations(
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["case"])
     writer.writeheader()
     writer.writerows(rows)
-    written.append(_atomic_write_text(out_dir / WEIGHTS_CSV, buffer.getvalue(),
-                                      overwrite=overwrite))
+    written.append(_io.atomic_write_text(out_dir / WEIGHTS_CSV, buffer.getvalue(),
+                                         overwrite=overwrite))
     document = {
         "case": case.case_id,
         "definition": "w = sum of the raw heatmap of an auxiliary modality / sum over the pair's "
@@ -789,8 +817,9 @@ def write_explanations(
             "files": {aux: heatmap_filename(case.case_id, e, aux) for aux in e.auxiliary},
         } for e in explanations],
     }
-    written.append(_atomic_write_text(out_dir / WEIGHTS_JSON, json.dumps(document, indent=2) + "\n",
-                                      overwrite=overwrite))
+    written.append(_io.atomic_write_text(out_dir / WEIGHTS_JSON,
+                                         json.dumps(document, indent=2) + "\n",
+                                         overwrite=overwrite))
     return written
 
 
@@ -799,7 +828,6 @@ __all__ = [
     "METHODS",
     "MODES",
     "PairExplanation",
-    "atomic_write",
     "complementary_weights",
     "dilate_mm",
     "explain_case",

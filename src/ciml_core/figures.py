@@ -16,12 +16,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import Normalize, to_rgba
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
 from ciml_core.data.dataset import LoadedCase
-from ciml_core.explain import PairExplanation, atomic_write
+from ciml_core.explain import PairExplanation
+from ciml_core.io import atomic_write
 
 #: Heatmap colour map: dark blue (low) -> light blue / green -> yellow (high), as paper Fig. 16.
 HEAT_CMAP = "viridis"
@@ -183,12 +186,29 @@ def pair_label(e: PairExplanation) -> str:
 
 def weights_chart_figure(explanations: Sequence[PairExplanation], *,
                          title: str | None = None) -> Figure:
-    """Paper Fig. 18: grouped bars, one group per pair, one bar per auxiliary modality (its
-    complementary-information weight in [0, 1]); a dashed line marks the equal share 1/K. Under
-    each pair: the smallest fraction of an auxiliary map's heat that lies inside the (dilated)
-    target, so that a weight measured mostly outside the tumour shows as such."""
+    """Paper Fig. 18 (:func:`draw_weights_chart`) on a figure whose width grows with the number
+    of pairs."""
     if not explanations:
         raise ValueError("no explanation to draw")
+    fig = new_figure(max(4.5, 1.3 * len(explanations) + 1.5), 3.6)
+    draw_weights_chart(fig.add_subplot(), explanations, title=title)
+    return fig
+
+
+def draw_weights_chart(ax: Axes, explanations: Sequence[PairExplanation], *,
+                       title: str | None = None) -> None:
+    """Paper Fig. 18 on ``ax`` (cleared first): grouped bars, one group per pair, one bar per
+    auxiliary modality (its complementary-information weight in [0, 1]); a dashed line marks the
+    equal share 1/K. Under each pair: the smallest fraction of an auxiliary map's heat that lies
+    inside the (dilated) target (:func:`pair_label`), so that a weight measured mostly outside
+    the tumour shows as such.
+
+    ``ax.containers[g]`` holds pair ``g``'s bars, in its ``auxiliary`` order. The CLI's chart
+    (:func:`weights_chart_figure`) and the napari plugin's chart are both drawn here.
+    """
+    if not explanations:
+        raise ValueError("no explanation to draw")
+    ax.clear()
     # One colour per modality for the whole chart, in task order (the pairs' primaries first),
     # so that e.g. FLAIR has the same colour in every group.
     auxiliaries = {a for e in explanations for a in e.auxiliary}
@@ -196,36 +216,27 @@ def weights_chart_figure(explanations: Sequence[PairExplanation], *,
     names = [n for n in dict.fromkeys(order) if n in auxiliaries]
     colours = {n: f"C{i % 10}" for i, n in enumerate(names)}
     k = max(len(e.auxiliary) for e in explanations)
-    width_in = max(4.5, 1.3 * len(explanations) + 1.5)
-    fig = new_figure(width_in, 3.6)
-    ax = fig.add_subplot()
     width = 0.8 / k
-    seen = set()
     for g, e in enumerate(explanations):
-        for b, aux in enumerate(e.auxiliary):
-            x = g - 0.4 + width * (b + 0.5)
-            label = aux.upper() if aux not in seen else None
-            seen.add(aux)
-            ax.bar(x, e.weights[aux], width=width * 0.92, color=colours[aux], label=label)
-            ax.text(x, e.weights[aux] + 0.01, f"{e.weights[aux]:.2f}", ha="center",
-                    va="bottom", fontsize=7)
-    ax.axhline(1.0 / k, color="grey", lw=0.8, ls="--", label=f"equal share 1/{k}")
+        xs = g - 0.4 + width * (np.arange(len(e.auxiliary)) + 0.5)
+        heights = [e.weights[aux] for aux in e.auxiliary]
+        ax.bar(xs, heights, width=width * 0.92, color=[colours[a] for a in e.auxiliary],
+               label=e.name)
+        for x, h in zip(xs, heights, strict=True):
+            ax.text(x, h + 0.01, f"{h:.2f}", ha="center", va="bottom", fontsize=7)
+    share = ax.axhline(1.0 / k, color="grey", lw=0.8, ls="--", label=f"equal share 1/{k}")
     ax.set_xticks(range(len(explanations)), [pair_label(e) for e in explanations])
     ax.set_yticks(np.linspace(0, 1, 6))
     ax.set_ylabel("complementary information weight")
     ax.set_xlabel("pair (primary modality : target region)")
-    handles, labels = ax.get_legend_handles_labels()
-    rank = {n.upper(): i for i, n in enumerate(names)}
-    order = sorted(range(len(labels)), key=lambda i: rank.get(labels[i], len(rank)))
+    handles = [Patch(color=colours[n], label=n.upper()) for n in names] + [share]
     # The legend sits in headroom above 1 (about 1.2 inch per entry), so it never hides a bar.
-    ncols = max(1, min(len(labels), int(width_in / 1.2)))
-    rows = -(-len(labels) // ncols)
+    ncols = max(1, min(len(handles), int(ax.figure.get_figwidth() / 1.2)))
+    rows = -(-len(handles) // ncols)
     ax.set_ylim(0, 1.2 + 0.13 * rows)
-    ax.legend([handles[i] for i in order], [labels[i] for i in order],
-              title="auxiliary modality", fontsize=8, title_fontsize=8, loc="upper center",
-              ncols=ncols, frameon=False)
+    ax.legend(handles=handles, title="auxiliary modality", fontsize=8, title_fontsize=8,
+              loc="upper center", ncols=ncols, frameon=False)
     ax.set_title(title or "Complementary information weights (Eq. 16-17)", fontsize=11)
-    return fig
 
 
 def shape_composition_figure(

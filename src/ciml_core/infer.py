@@ -1,14 +1,16 @@
 """Whole-case inference: sliding windows with Gaussian weighting, optional mirroring, un-cropping,
 labels in the dataset's convention written with the input's affine and header.
 
-The volume and the accumulators stay on the CPU while each window runs on ``device`` (the GPU
-when there is one), so a 240x240x155 case fits any card. ``progress`` is called after every
-window; raising :class:`Cancelled` from it (or from ``should_stop``) stops the run cleanly, which
+How windows run (overlap, mirroring, device, fusion, bf16) is one :class:`InferenceSettings`.
+The volume and the accumulators stay on the CPU while each window runs on the settings' device
+(the GPU when there is one), so a 240x240x155 case fits any card. ``progress`` is called after
+every window; raising :class:`~ciml_core.errors.Cancelled` from it stops the run cleanly, which
 is how the napari plugin's Cancel button works.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,7 +25,7 @@ from ciml_core.data.dataset import LoadedCase
 from ciml_core.data.labels import get_convention, regions_to_labels
 from ciml_core.data.nifti import write_like
 from ciml_core.data.preprocess import nonzero_bbox, preprocess_image, uncrop
-from ciml_core.errors import CimlError, InputDataError
+from ciml_core.errors import ConfigError, InputDataError
 from ciml_core.io import output_path, refuse_existing
 from ciml_core.model import (
     CIMLNetwork,
@@ -31,21 +33,50 @@ from ciml_core.model import (
     probabilities_to_region_masks,
 )
 from ciml_core.model.grouped import GroupedCIMLNetwork
+from ciml_core.runtime import resolve_device
+
+ProgressFn = Callable[[int, int], None]
 
 
-class Cancelled(CimlError):
-    """Raised inside a run when the user asked to stop; nothing is written."""
+def check_overlap(value: float) -> float:
+    """``value`` if it is a sliding-window overlap in [0, 1), else a ConfigError."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+        raise ConfigError(f"overlap: expected a fraction in [0, 1), got {value!r}")
+    return float(value)
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; an unavailable device is a clear error."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CimlError("device 'cuda' requested but torch.cuda.is_available() is False "
-                        f"(torch {torch.__version__} build without CUDA, or no GPU visible)")
-    return device
+@dataclass(frozen=True)
+class InferenceSettings:
+    """How a network runs over a whole case: the one place the inference defaults live.
+
+    Taken by :func:`predict_case`, :func:`sliding_window_predict`,
+    :func:`ciml_core.explain.explain_case`, validation during training, the CLI and the plugin.
+
+    Attributes:
+        overlap: fraction of a window shared with its neighbours (MONAI's ``overlap``).
+        mirror: average over the 2^d mirrored copies of every window (test-time augmentation).
+        device: ``"auto"`` (CUDA when there is one), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...;
+            windows run there while the volume and the accumulators stay on the CPU.
+        fused: run a CIML network's segmentors as grouped convolutions (same outputs, faster:
+            ``benchmarks/speed.py``).
+        bf16: bfloat16 autocast for the windows; None: on CUDA only (on a CPU with AVX512-BF16
+            it is faster too, at a small accuracy cost, docs/training.md).
+    """
+
+    overlap: float = 0.5
+    mirror: bool = False
+    device: str | torch.device = "auto"
+    fused: bool = True
+    bf16: bool | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "overlap", check_overlap(self.overlap))
+
+    def resolved_device(self) -> torch.device:
+        return resolve_device(self.device)
+
+    def replace(self, **changes) -> InferenceSettings:
+        return dataclasses.replace(self, **changes)
 
 
 def count_windows(shape: Sequence[int], patch: Sequence[int], overlap: float) -> int:
@@ -76,33 +107,30 @@ def inference_network(model: torch.nn.Module, *, fused: bool = True) -> torch.nn
 
 @torch.inference_mode()
 def sliding_window_predict(
-    loaded: LoadedModel,
+    network: torch.nn.Module,
     image: np.ndarray,
+    patch: Sequence[int],
+    settings: InferenceSettings | None = None,
     *,
-    overlap: float = 0.5,
-    mirror: bool = False,
-    device: str | torch.device = "auto",
-    progress: Callable[[int, int], None] | None = None,
-    fused: bool = True,
-    bf16: bool | None = None,
+    progress: ProgressFn | None = None,
     per_head: bool = False,
 ) -> np.ndarray:
-    """Per-region probabilities ``(R, *spatial)`` of a preprocessed image ``(M, *spatial)``.
+    """Per-region probabilities ``(R, *spatial)`` of a preprocessed image ``(M, *spatial)``,
+    regions in ``network.config.decomposition.regions`` order, windows of size ``patch``.
 
     ``per_head``: instead, every output head's own probabilities, heads in task order and each
     head's regions in its order (``sum_h R_h`` channels), before the ensemble averages them.
-
-    ``fused``: see :func:`inference_network`. ``bf16``: bfloat16 autocast for the windows
-    (default: on CUDA only; on a CPU with AVX512-BF16 it is faster too, at a small accuracy cost,
-    docs/training.md).
+    ``progress(done, total)`` is called after every window; an exception raised in it (e.g.
+    :class:`~ciml_core.errors.Cancelled`) stops the run.
     """
-    decomposition = loaded.config.decomposition
-    dev = resolve_device(device)
-    model = inference_network(loaded.model.to(dev), fused=fused)
-    use_bf16 = dev.type == "cuda" if bf16 is None else bf16
-    patch = tuple(loaded.config.patch_size)
-    flips = mirror_axes(len(patch)) if mirror else [()]
-    total = count_windows(image.shape[1:], patch, overlap)
+    settings = settings or InferenceSettings()
+    decomposition = network.config.decomposition
+    dev = settings.resolved_device()
+    model = inference_network(network.to(dev), fused=settings.fused)
+    use_bf16 = dev.type == "cuda" if settings.bf16 is None else settings.bf16
+    patch = tuple(patch)
+    flips = mirror_axes(len(patch)) if settings.mirror else [()]
+    total = count_windows(image.shape[1:], patch, settings.overlap)
     done = 0
 
     def predictor(window: torch.Tensor) -> torch.Tensor:
@@ -124,7 +152,7 @@ def sliding_window_predict(
 
     x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
     probs = sliding_window_inference(
-        x, roi_size=patch, sw_batch_size=1, predictor=predictor, overlap=overlap,
+        x, roi_size=patch, sw_batch_size=1, predictor=predictor, overlap=settings.overlap,
         mode="gaussian", sw_device=dev, device=torch.device("cpu"),
     )
     return probs[0].numpy()
@@ -174,13 +202,9 @@ class CasePrediction:
 def predict_case(
     loaded: LoadedModel,
     case: LoadedCase,
+    settings: InferenceSettings | None = None,
     *,
-    overlap: float = 0.5,
-    mirror: bool = False,
-    device: str | torch.device = "auto",
-    progress: Callable[[int, int], None] | None = None,
-    fused: bool = True,
-    bf16: bool | None = None,
+    progress: ProgressFn | None = None,
     nesting: str = "union",
 ) -> CasePrediction:
     """Preprocess, predict, threshold, nest (ET in TC in WT, by ``nesting``: see
@@ -192,8 +216,8 @@ def predict_case(
         )
     pre = preprocess_image(case.image, case.modalities,
                            pet_method=loaded.info.normalisation.get("pet_method", "log"))
-    probs = sliding_window_predict(loaded, pre.image, overlap=overlap, mirror=mirror,
-                                   device=device, progress=progress, fused=fused, bf16=bf16)
+    probs = sliding_window_predict(loaded.model, pre.image, loaded.config.patch_size, settings,
+                                   progress=progress)
     masks = probabilities_to_region_masks(torch.from_numpy(probs)[None], loaded.regions,
                                           nesting=nesting)[0].numpy()
     conv = get_convention(loaded.info.label_convention)

@@ -13,8 +13,14 @@ One policy for all outputs (predictions, probability maps, heatmaps, reports, fi
   placeholder reserves the name first (the same exactly-one-winner guarantee; a reader may see an
   empty file for an instant).
 - **Permissions**: files 0644, folders 0755, whatever the umask or ``tempfile`` would give
-  (outputs are ordinary shared files).
+  (outputs are ordinary shared files); a file that is a link to an input (a hard or symbolic
+  link in an exported dataset) keeps the input's own mode.
 - **One message** for a refused overwrite (:func:`already_exists_message`).
+- **Folders** are built beside their target (:func:`dir_output`, :func:`make_temp_dir`) and
+  swapped in whole (:func:`replace_dir`).
+- **Second names and undo**: :func:`link_or_copy` (a backup or a kept copy of a finished file),
+  :func:`write_with_rollback` (a file that must not outlive a failed follow-up step, e.g. a
+  review mask and its log record) and :func:`append_bytes` (one record appended to a log).
 - **Contained**: :func:`output_path` builds ``out / name`` and refuses a name that would resolve
   outside ``out`` (a case id such as ``../x``, an absolute path, a symbolic link leading out).
 - **Clean errors**: an output folder that cannot be created or written is an
@@ -23,11 +29,14 @@ One policy for all outputs (predictions, probability maps, heatmaps, reports, fi
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
+import stat
 import tempfile
-from collections.abc import Callable, Iterable
+import uuid
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +51,17 @@ DIR_MODE = 0o755
 _NO_LINK = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK}
 
 
-def already_exists_message(path: str | os.PathLike) -> str:
-    """The one message for a refused overwrite."""
-    return f"{path} already exists (use --overwrite / overwrite=True to replace it)"
+#: What the one "already exists" message suggests by default.
+OVERWRITE_HINT = "use --overwrite / overwrite=True to replace it"
+
+
+def already_exists_message(path: str | os.PathLike, *, hint: str = OVERWRITE_HINT) -> str:
+    """The one message for a refused overwrite: ``<path> already exists (<hint>)``.
+
+    ``hint`` says how to get past it where ``--overwrite`` is not the way (a GUI tick box, an
+    output that is never replaced).
+    """
+    return f"{path} already exists ({hint})"
 
 
 def refuse_existing(paths: Iterable[str | os.PathLike], overwrite: bool) -> None:
@@ -222,6 +239,111 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, overwrite: bool 
     return atomic_write(path, lambda fh: fh.write(data), binary=True, overwrite=overwrite)
 
 
+def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Give the finished file ``src`` the second name ``dst``, which must not exist: a hard link
+    (no data copied), or where the file system cannot link, an atomic copy (content, mode and
+    times of ``src``). For backups and kept copies, never for outputs that may be edited (a hard
+    link shares its content with ``src``).
+
+    Raises:
+        FileExistsError: ``dst`` exists (the one message; nothing is changed).
+    """
+    src, dst = Path(src), Path(dst)
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        raise FileExistsError(already_exists_message(dst)) from None
+    except OSError:
+        if os.path.lexists(dst):
+            raise FileExistsError(already_exists_message(dst)) from None
+        write_file(dst, lambda tmp: shutil.copy2(src, tmp), suffix=".copy")
+    return dst
+
+
+#: How :func:`place_file` puts an existing file at a new name.
+PLACE_MODES = ("copy", "hardlink", "symlink")
+
+
+def place_file(src: str | os.PathLike, dst: str | os.PathLike, how: str = "copy") -> Path:
+    """Put the existing file ``src`` (an input) at ``dst``, creating its folder: ``"copy"`` (the
+    content only, so the copy is an ordinary file of this policy, not the input's mode),
+    ``"hardlink"`` (no data copied; the link keeps the input's mode) or ``"symlink"`` (to the
+    resolved ``src``). For building a folder output (:func:`dir_output`).
+
+    Raises:
+        OSError: the link cannot be made here (another file system, or none that links); the
+            caller may copy instead.
+        ValueError: an unknown ``how``.
+    """
+    src, dst = Path(src), Path(dst)
+    if how not in PLACE_MODES:
+        raise ValueError(f"how: expected one of {list(PLACE_MODES)}, got {how!r}")
+    make_dirs(dst.parent)
+    if how == "hardlink":
+        os.link(src, dst)
+    elif how == "symlink":
+        os.symlink(src.resolve(), dst)
+    else:
+        shutil.copyfile(src, dst)
+    return dst
+
+
+def write_with_rollback(
+    target: str | os.PathLike,
+    write: Callable[[bool], Any],
+    commit: Callable[[], Any],
+    *,
+    overwrite: bool = False,
+) -> None:
+    """Publish ``target`` with ``write(overwrite)``, then run ``commit()`` (e.g. append the record
+    that goes with the file). When ``commit`` fails, ``target`` is put back as it was (the earlier
+    file, kept meanwhile under a hidden second name by :func:`link_or_copy`, or no file at all)
+    and the error is re-raised: the file never outlives its failed follow-up step."""
+    target = Path(target)
+    backup = None
+    if overwrite and target.exists():
+        backup = link_or_copy(target, target.with_name(
+            f".{target.name}.{uuid.uuid4().hex[:12]}.previous"))
+    try:
+        write(overwrite)
+        try:
+            commit()
+        except BaseException:
+            if backup is not None:
+                os.replace(backup, target)
+                backup = None
+            else:
+                target.unlink(missing_ok=True)
+            raise
+    finally:
+        if backup is not None:
+            backup.unlink(missing_ok=True)
+
+
+def append_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Append ``data`` to ``path`` (created, with its folder and :data:`FILE_MODE`, when
+    missing) in one ``write(2)`` on an ``O_APPEND`` descriptor, then ``fsync``: concurrent
+    writers never interleave their records, and a crash leaves at most one truncated last one.
+    """
+    path = Path(path)
+    make_dirs(path.parent)
+    try:
+        fd, created = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL,
+                              FILE_MODE), True
+    except FileExistsError:
+        fd, created = os.open(path, os.O_WRONLY | os.O_APPEND), False
+    try:
+        if created:
+            os.chmod(path, FILE_MODE)  # the policy's mode, whatever the umask
+        written = os.write(fd, data)
+        if written != len(data):
+            raise OSError(f"{path}: short write ({written} of {len(data)} bytes)")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return path
+
+
 def make_temp_dir(target: str | os.PathLike) -> Path:
     """A private temporary folder beside ``target`` to build a folder output in, for
     :func:`replace_dir`."""
@@ -234,17 +356,46 @@ def make_temp_dir(target: str | os.PathLike) -> Path:
                           f"({err.strerror or err})") from err
 
 
-def replace_dir(tmp: str | os.PathLike, target: str | os.PathLike) -> Path:
-    """Move the finished folder ``tmp`` (beside ``target``) to ``target``, replacing a folder
-    there: the old one is first renamed aside, so ``target`` always names a complete folder or,
-    for an instant, nothing. Files get :data:`FILE_MODE`, folders :data:`DIR_MODE`."""
+def _apply_modes(folder: Path) -> None:
+    """:data:`DIR_MODE` on ``folder`` and every folder below, :data:`FILE_MODE` on its files;
+    symbolic links and hard-linked files (an input placed by link) keep their target's mode."""
+    os.chmod(folder, DIR_MODE)
+    for parent, dirs, files in os.walk(folder):  # never follows a symbolic link to a folder
+        for name in dirs + files:
+            entry = os.path.join(parent, name)
+            info = os.lstat(entry)
+            if stat.S_ISDIR(info.st_mode):
+                os.chmod(entry, DIR_MODE)
+            elif stat.S_ISREG(info.st_mode) and info.st_nlink == 1:
+                os.chmod(entry, FILE_MODE)
+
+
+def replace_dir(tmp: str | os.PathLike, target: str | os.PathLike, *,
+                overwrite: bool = True, hint: str = OVERWRITE_HINT) -> Path:
+    """Move the finished folder ``tmp`` (beside ``target``) to ``target``; folders get
+    :data:`DIR_MODE`, files :data:`FILE_MODE` first.
+
+    ``overwrite=True``: a folder (or file) at ``target`` is replaced; the old one is first
+    renamed aside, so ``target`` always names a complete folder or, for an instant, nothing.
+    ``overwrite=False``: ``target`` may be missing or an empty folder, anything else is refused
+    atomically by the rename itself (FileExistsError with ``hint`` in the one message, ``tmp``
+    left for the caller to remove).
+
+    Raises:
+        FileExistsError: ``overwrite`` is False and ``target`` is a file or a non-empty folder.
+        OutputError: the folder cannot be moved into place.
+    """
     tmp, target = Path(tmp), Path(target)
-    for folder, dirs, files in os.walk(tmp):
-        os.chmod(folder, DIR_MODE)
-        for d in dirs:
-            os.chmod(os.path.join(folder, d), DIR_MODE)
-        for f in files:
-            os.chmod(os.path.join(folder, f), FILE_MODE)
+    _apply_modes(tmp)
+    if not overwrite:
+        try:
+            os.rename(tmp, target)  # replaces an empty folder only (POSIX rename(2))
+        except OSError as err:
+            if err.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+                raise FileExistsError(already_exists_message(target, hint=hint)) from None
+            raise OutputError(f"{target}: cannot move the finished folder into place "
+                              f"({err.strerror or err})") from err
+        return target
     old = None
     if target.exists() or target.is_symlink():
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
@@ -258,20 +409,41 @@ def replace_dir(tmp: str | os.PathLike, target: str | os.PathLike) -> Path:
     return target
 
 
+@contextlib.contextmanager
+def dir_output(target: str | os.PathLike, *, overwrite: bool = True,
+               hint: str = OVERWRITE_HINT) -> Iterator[Path]:
+    """Build a folder output: ``with dir_output(target) as tmp:`` fill ``tmp`` (a temporary
+    folder beside ``target``); on success it becomes ``target`` (:func:`replace_dir`, with
+    ``overwrite`` and ``hint``), on any error it is removed and ``target`` is left as it was."""
+    tmp = make_temp_dir(target)
+    try:
+        yield tmp
+        replace_dir(tmp, target, overwrite=overwrite, hint=hint)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful replace_dir
+
+
 __all__ = [
     "DIR_MODE",
     "FILE_MODE",
+    "OVERWRITE_HINT",
+    "PLACE_MODES",
     "already_exists_message",
+    "append_bytes",
     "atomic_write",
     "atomic_write_bytes",
     "atomic_write_text",
     "check_output_dir",
+    "dir_output",
     "is_inside",
+    "link_or_copy",
     "make_dirs",
     "make_temp_dir",
     "output_path",
+    "place_file",
     "publish",
     "refuse_existing",
     "replace_dir",
     "write_file",
+    "write_with_rollback",
 ]

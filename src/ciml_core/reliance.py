@@ -32,7 +32,7 @@ from ciml_core.data.dataset import LoadedCase
 from ciml_core.data.labels import get_convention, labels_to_regions
 from ciml_core.data.preprocess import crop, preprocess_image
 from ciml_core.errors import ConfigError, InputDataError
-from ciml_core.infer import sliding_window_predict
+from ciml_core.infer import InferenceSettings, sliding_window_predict
 from ciml_core.metrics import dice
 from ciml_core.model import CIMLNetwork
 
@@ -69,9 +69,12 @@ def messages_off(model: torch.nn.Module):
             s.messages_off = False
 
 
-def modality_reliance(loaded: LoadedModel, case: LoadedCase, *, device: str = "cpu",
-                      overlap: float = 0.5) -> list[RelianceRow]:
-    """Measure one labelled case under every condition (see the module docstring)."""
+def modality_reliance(loaded: LoadedModel, case: LoadedCase,
+                      settings: InferenceSettings | None = None) -> list[RelianceRow]:
+    """Measure one labelled case under every condition (see the module docstring).
+    ``settings``: how the windows run (None: the defaults; with messages off the network is
+    never fused, the switch lives in the unfused segmentors)."""
+    settings = settings or InferenceSettings()
     if not isinstance(loaded.model, CIMLNetwork) or loaded.model.config.gate_switches is None:
         raise ConfigError(f"modality reliance needs a CIML network with messages; "
                           f"{loaded.path} is variant {loaded.config.variant!r}")
@@ -97,11 +100,11 @@ def modality_reliance(loaded: LoadedModel, case: LoadedCase, *, device: str = "c
     for condition, image, no_messages in conditions:
         if no_messages:
             with messages_off(loaded.model):
-                probs = sliding_window_predict(loaded, image, overlap=overlap, device=device,
-                                               fused=False, per_head=True)
+                probs = sliding_window_predict(loaded.model, image, loaded.config.patch_size,
+                                               settings.replace(fused=False), per_head=True)
         else:
-            probs = sliding_window_predict(loaded, image, overlap=overlap, device=device,
-                                           per_head=True)
+            probs = sliding_window_predict(loaded.model, image, loaded.config.patch_size,
+                                           settings, per_head=True)
         channel = 0
         for task in decomposition.tasks:
             name = "+".join(task.primary)

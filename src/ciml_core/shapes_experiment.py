@@ -34,8 +34,9 @@ import torch
 
 from ciml_core.data import phantoms
 from ciml_core.errors import ConfigError
-from ciml_core.infer import resolve_device
 from ciml_core.model import CIMLLoss, ModelConfig, TaskDecomposition, build_model
+from ciml_core.model.config import check_spatial_size
+from ciml_core.runtime import resolve_device
 
 #: Default number of optimiser steps: about a minute on 2 CPU cores at 64x64, width 4.
 DEFAULT_STEPS = 600
@@ -74,8 +75,9 @@ class ShapesConfig:
                 raise ConfigError(f"shapes: {name} must be a positive integer, got {value!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"shapes: seed must be an integer >= 0, got {self.seed!r}")
-        if not (isinstance(self.size, int) and self.size >= 16 and self.size % 16 == 0):
-            raise ConfigError(f"shapes: size must be a multiple of 16 (>= 16), got {self.size!r}")
+        if isinstance(self.size, bool) or not isinstance(self.size, int):
+            raise ConfigError(f"shapes: size must be an integer, got {self.size!r}")
+        check_spatial_size((self.size, self.size), 2, what="shapes: size")
         if not (math.isfinite(self.beta) and self.beta >= 0):
             raise ConfigError(f"shapes: beta must be a finite number >= 0, got {self.beta!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):
@@ -244,9 +246,8 @@ def write_shapes_outputs(
 ) -> list[Path]:
     """Write the Fig. 13-like PNG and the JSON of ``result``; refuse to replace files unless
     ``overwrite``."""
-    from ciml_core.explain import atomic_write
     from ciml_core.figures import save_figure, shape_composition_figure
-    from ciml_core.io import refuse_existing
+    from ciml_core.io import atomic_write_text, refuse_existing
 
     figure_path, json_path = shapes_output_paths(out_dir)
     refuse_existing((figure_path, json_path), overwrite)  # before drawing; writes refuse too
@@ -259,5 +260,5 @@ def write_shapes_outputs(
     )
     written = [save_figure(fig, figure_path, overwrite=overwrite)]
     text = json.dumps(result.to_dict(), indent=2) + "\n"
-    written.append(atomic_write(json_path, lambda fh: fh.write(text), overwrite=overwrite))
+    written.append(atomic_write_text(json_path, text, overwrite=overwrite))
     return written

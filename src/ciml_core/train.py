@@ -45,9 +45,8 @@ from ciml_core.data.augment import nnunet_augmentations
 from ciml_core.data.layouts import DEFAULT_LABEL_CONVENTION, discover_cases
 from ciml_core.data.patches import PatchDataset, PreparedCase, prepare_cases
 from ciml_core.data.splits import fold_cases, load_or_make_splits
-from ciml_core.distributed import DistContext, barrier, cleanup, setup_distributed
 from ciml_core.errors import ConfigError, InputDataError
-from ciml_core.infer import sliding_window_predict
+from ciml_core.infer import InferenceSettings, sliding_window_predict
 from ciml_core.metrics import dice as dice_score
 from ciml_core.model import (
     CIMLLoss,
@@ -57,7 +56,8 @@ from ciml_core.model import (
     recalibrate_batch_norm,
 )
 from ciml_core.model import probabilities_to_region_masks as to_masks
-from ciml_core.model.config import GATE_SWITCHES
+from ciml_core.model.config import GATE_SWITCHES, check_spatial_size
+from ciml_core.runtime import DistContext, barrier, cleanup, setup_distributed
 
 #: Settings that define the schedule; --resume refuses to change them.
 SCHEDULE_KEYS = ("epochs", "iters_per_epoch", "patch", "batch", "width", "variant", "beta",
@@ -228,12 +228,13 @@ def recalibration_batches(cfg: TrainConfig, cases: list[PreparedCase], device: t
         yield torch.stack([dataset[i][0] for i in range(start, start + cfg.batch)]).to(device)
 
 
-def validate(loaded: LoadedModel, cases: list[PreparedCase], device: torch.device) -> dict[str, float]:
-    """Mean Dice per region over whole validation cases (sliding window, no mirroring)."""
+def validate(loaded: LoadedModel, cases: list[PreparedCase],
+             settings: InferenceSettings | None = None) -> dict[str, float]:
+    """Mean Dice per region over whole validation cases (sliding window, as ``predict``)."""
     scores: dict[str, list[float]] = {r: [] for r in loaded.regions}
     for case in cases:
         image, regions, _ = case.load()
-        probs = sliding_window_predict(loaded, image, overlap=0.5, device=device)
+        probs = sliding_window_predict(loaded.model, image, loaded.config.patch_size, settings)
         masks = to_masks(torch.from_numpy(probs)[None], loaded.regions)[0].numpy()
         for i, region in enumerate(loaded.regions):
             scores[region].append(dice_score(masks[i], regions[i] > 0))
@@ -261,9 +262,12 @@ def _compare_with_stored(out: Path, stored: dict[str, Any], given: dict[str, Any
     """Refuse every given setting that differs from the run being resumed."""
     comparable = {k: v for k, v in given.items()
                   if k not in RESUMABLE_CHANGES + ("out", "resume", "extra", "compile")}
-    if "data" in comparable:
-        comparable["data"] = str(comparable["data"]) if comparable["data"] is not None else None
     changed = {k: (stored.get(k), v) for k, v in comparable.items() if stored.get(k) != v}
+    if "data" in changed and None not in changed["data"] \
+            and Path(changed["data"][0]).resolve() == Path(changed["data"][1]).resolve():
+        del changed["data"]  # the same folder, named relative once and absolute once
+    if "data" in changed and changed["data"][1] is not None:
+        changed["data"] = (changed["data"][0], str(changed["data"][1]))
     if changed:
         detail = "; ".join(f"{k}: run has {old!r}, given {new!r}" for k, (old, new) in changed.items())
         raise ConfigError(f"--resume {out}: settings differ from the run being resumed ({detail}); "
@@ -338,8 +342,7 @@ def train(cfg: TrainConfig, *, hook: Callable[[str, int, int], None] | None = No
     elif (cfg.out / "latest").exists():
         raise ConfigError(f"{cfg.out} already holds a run; use --resume to continue it or "
                           "choose another --out")
-    if cfg.patch % 16:
-        raise ConfigError(f"--patch {cfg.patch}: must be a multiple of 16")
+    check_spatial_size((cfg.patch,) * 3, 3, what="--patch")
     ctx = setup_distributed(cfg.device)
     stop = StopRequest.install()
     try:
@@ -386,8 +389,50 @@ class StopRequest:
             signal.signal(signum, previous)
 
 
-def _train(cfg: TrainConfig, ctx: DistContext, stop: StopRequest,
-           hook: Callable[[str, int, int], None] | None) -> TrainResult:
+@dataclass
+class _Run:
+    """One training run between its epochs: what :func:`_setup` builds and the loop updates."""
+
+    cfg: TrainConfig
+    ctx: DistContext
+    decomposition: TaskDecomposition
+    train_cases: list[PreparedCase]
+    val_cases: list[PreparedCase]
+    dataset: PatchDataset
+    model: torch.nn.Module  # this rank's network
+    net: torch.nn.Module  # what the steps run: the model, wrapped in DDP / compiled when asked
+    model_config: ModelConfig
+    loss_fn: CIMLLoss
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    info: CheckpointInfo
+    start_epoch: int = 0
+    start_step: int = 0  # optimiser steps already done in ``start_epoch`` (mid-epoch resume)
+    best: float = -math.inf
+    t_start: float = field(default_factory=time.time)
+
+    def save(self, name: str, epoch: int, step: int) -> None:
+        state = {"epoch": epoch, "step": step, "best": self.best,
+                 "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "torch_rng": torch.get_rng_state()}
+        self.info.training.update(epochs_completed=epoch,
+                                  seconds=round(time.time() - self.t_start, 1))
+        save_checkpoint(self.cfg.out / name, self.model, self.model_config, self.info,
+                        training_state=state if name == "latest" else None)
+
+    def recalibrate(self) -> None:
+        if self.cfg.bn_recalibration > 0:
+            recalibrate_batch_norm(self.model, recalibration_batches(
+                self.cfg, self.train_cases, self.ctx.device, self.cfg.bn_recalibration,
+                foreground_region_weights(self.cfg, self.decomposition.regions)))
+
+    def validate(self) -> dict[str, float]:
+        loaded = LoadedModel(self.model, self.model_config, self.info, self.cfg.out, "")
+        return validate(loaded, self.val_cases, InferenceSettings(device=self.ctx.device))
+
+
+def _setup(cfg: TrainConfig, ctx: DistContext) -> _Run:
+    """Data, model, loss, optimiser and schedule; from ``latest`` when resuming."""
     torch.manual_seed(cfg.seed)
     if ctx.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -395,7 +440,6 @@ def _train(cfg: TrainConfig, ctx: DistContext, stop: StopRequest,
         cfg.out.mkdir(parents=True, exist_ok=True)
         (cfg.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
 
-    # ---- data
     decomposition, convention, train_cases, val_cases, data_desc = _prepare_data(cfg, ctx)
     patch = (cfg.patch,) * 3
     dataset = PatchDataset(
@@ -403,7 +447,6 @@ def _train(cfg: TrainConfig, ctx: DistContext, stop: StopRequest,
         augment=nnunet_augmentations(3) if cfg.augment else None,
         region_weights=foreground_region_weights(cfg, decomposition.regions), seed=cfg.seed)
 
-    # ---- model, loss, optimiser, schedule
     dropout = cfg.message_dropout if cfg.variant in GATE_SWITCHES else 0.0
     model_config = ModelConfig(decomposition=decomposition, width=cfg.width, norm=cfg.norm,
                                variant=cfg.variant, patch_size=patch, message_dropout=dropout)
@@ -432,117 +475,129 @@ def _train(cfg: TrainConfig, ctx: DistContext, stop: StopRequest,
                                     "train_cases": [c.case_id for c in train_cases],
                                     "val_cases": [c.case_id for c in val_cases],
                                     "world_size": ctx.world_size})
-    runner = LoadedModel(model, model_config, info, cfg.out, "")
+    return _Run(cfg, ctx, decomposition, train_cases, val_cases, dataset, model, net,
+                model_config, loss_fn, optimizer, scheduler, info, start_epoch, start_step, best)
 
-    def save(name: str, epoch: int, step: int) -> None:
-        state = {"epoch": epoch, "step": step, "best": best, "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()}
-        info.training.update(epochs_completed=epoch, seconds=round(time.time() - t_start, 1))
-        save_checkpoint(cfg.out / name, model, model_config, info,
-                        training_state=state if name == "latest" else None)
 
-    def recalibrate() -> None:
-        if cfg.bn_recalibration > 0:
-            recalibrate_batch_norm(model, recalibration_batches(
-                cfg, train_cases, ctx.device, cfg.bn_recalibration,
-                foreground_region_weights(cfg, decomposition.regions)))
+def _stop_requested(run: _Run, stop: StopRequest) -> bool:
+    """Whether any rank got a signal (all ranks must stop at the same step)."""
+    if not run.ctx.enabled:
+        return bool(stop)
+    flag = torch.tensor([float(bool(stop))], device=run.ctx.device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
 
-    # ---- epochs
-    t_start = time.time()
-    log_path = cfg.out / "metrics.jsonl"
-    epoch, done = start_epoch, start_step  # done: optimiser steps completed in this epoch
 
+def _interrupted(run: _Run, stop: StopRequest, epoch: int, step: int) -> TrainingInterrupted:
+    """Save ``latest`` at this step and say how to continue."""
+    if run.ctx.is_main:
+        run.save("latest", epoch, step)
+        tqdm.write(f"interrupted: saved {run.cfg.out / 'latest'} at epoch {epoch + 1}, step "
+                   f"{step}; continue with --resume")
+    return TrainingInterrupted(f"signal {stop.signum}")
+
+
+def _epoch_loader(run: _Run, epoch: int, skip: int) -> DataLoader:
+    """The epoch's patches, the first ``skip`` samples left out (a mid-epoch resume)."""
+    cfg, ctx = run.cfg, run.ctx
+    sampler = (DistributedSampler(run.dataset, shuffle=False) if ctx.enabled
+               else range(len(run.dataset)))
+    if ctx.enabled:
+        sampler.set_epoch(epoch)
+    run.dataset.set_epoch(epoch)
+    # A generator of its own: the loader's seed draw must not advance the global RNG that the
+    # CIG sampling and message dropout use, or a resumed epoch would sample differently.
+    return DataLoader(run.dataset, batch_size=cfg.batch,
+                      sampler=_SkipSampler(sampler, skip) if skip else sampler,
+                      num_workers=cfg.workers, pin_memory=ctx.device.type == "cuda",
+                      drop_last=True,
+                      generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+
+
+def _train_epoch(run: _Run, epoch: int, stop: StopRequest, notify: Callable[[str, int, int], None]
+                 ) -> dict[str, Any]:
+    """The optimiser steps of one epoch; returns the epoch's log record (mean losses, lr).
+    Raises :class:`TrainingInterrupted` (after saving ``latest``) on a signal."""
+    cfg, ctx = run.cfg, run.ctx
+    skip = run.start_step * cfg.batch if epoch == run.start_epoch else 0
+    loader = _epoch_loader(run, epoch, skip)
+    run.net.train()
+    run.loss_fn.beta = cfg.beta * beta_factor(epoch, cfg.beta_ramp_epochs)
+    sums: dict[str, float] = {}
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="it",
+               disable=not ctx.is_main, initial=skip // cfg.batch,
+               total=cfg.iters_per_epoch, dynamic_ncols=True)
+    done = skip // cfg.batch  # optimiser steps completed in this epoch
+    if done < cfg.iters_per_epoch and _stop_requested(run, stop):
+        raise _interrupted(run, stop, epoch, done)
+    for x, y in bar:
+        x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
+        with torch.autocast(ctx.device.type, dtype=torch.bfloat16,
+                            enabled=ctx.device.type == "cuda"):
+            output = run.net(x)
+        loss, parts = run.loss_fn(output, y)
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        run.optimizer.step()
+        done += 1
+        for k, v in parts.items():
+            sums[k] = sums.get(k, 0.0) + v
+        bar.set_postfix(loss=f"{parts['total']:.3f}", lr=f"{run.scheduler.get_last_lr()[0]:.2e}")
+        notify("step", epoch, done)
+        if done < cfg.iters_per_epoch and _stop_requested(run, stop):
+            bar.close()
+            raise _interrupted(run, stop, epoch, done)
+    n = max(cfg.iters_per_epoch - (skip // cfg.batch), 1)
+    return {"epoch": epoch + 1, "lr": run.scheduler.get_last_lr()[0],
+            **{k: v / n for k, v in sums.items()}, "time": round(time.time() - run.t_start, 1)}
+
+
+def _end_epoch(run: _Run, epoch: int, record: dict[str, Any],
+               notify: Callable[[str, int, int], None]) -> None:
+    """Rank 0: validate when due (keeping ``best``), log the epoch and save ``latest``."""
+    cfg = run.cfg
+    if run.val_cases and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
+        notify("validate", epoch, cfg.iters_per_epoch)
+        run.recalibrate()
+        val = run.validate()
+        record["val_dice"] = val
+        record["val_mean_dice"] = float(np.mean(list(val.values())))
+        run.info.metrics = {"val_dice": val, "epoch": epoch + 1}
+        if record["val_mean_dice"] > run.best:
+            run.best = record["val_mean_dice"]
+            run.save("best", epoch + 1, 0)
+    with (cfg.out / "metrics.jsonl").open("a") as fh:
+        fh.write(json.dumps(record) + "\n")
+    run.save("latest", epoch + 1, 0)
+    notify("saved", epoch + 1, 0)
+    remaining = ((cfg.epochs - epoch - 1) * (time.time() - run.t_start)
+                 / (epoch + 1 - run.start_epoch))
+    tqdm.write(f"epoch {epoch + 1}: loss {record.get('total', float('nan')):.4f}"
+               + (f", val Dice {record['val_dice']}" if "val_dice" in record else "")
+               + f", ETA {remaining / 60:.1f} min")
+
+
+def _train(cfg: TrainConfig, ctx: DistContext, stop: StopRequest,
+           hook: Callable[[str, int, int], None] | None) -> TrainResult:
     def notify(event: str, epoch: int, step: int) -> None:
         if hook is not None:
             hook(event, epoch, step)
 
-    def stop_requested() -> bool:
-        """Whether any rank got a signal (all ranks must stop at the same step)."""
-        if not ctx.enabled:
-            return bool(stop)
-        flag = torch.tensor([float(bool(stop))], device=ctx.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
-
-    def interrupted(epoch: int, step: int) -> TrainingInterrupted:
+    run = _setup(cfg, ctx)
+    for epoch in range(run.start_epoch, cfg.epochs):
+        record = _train_epoch(run, epoch, stop, notify)
+        run.scheduler.step()
         if ctx.is_main:
-            save("latest", epoch, step)
-            tqdm.write(f"interrupted: saved {cfg.out / 'latest'} at epoch {epoch + 1}, step "
-                       f"{step}; continue with --resume")
-        return TrainingInterrupted(f"signal {stop.signum}")
-
-    for epoch in range(start_epoch, cfg.epochs):
-        sampler = DistributedSampler(dataset, shuffle=False) if ctx.enabled else range(len(dataset))
-        if ctx.enabled:
-            sampler.set_epoch(epoch)
-        dataset.set_epoch(epoch)
-        skip = start_step * cfg.batch if epoch == start_epoch else 0
-        # A generator of its own: the loader's seed draw must not advance the global RNG that
-        # the CIG sampling and message dropout use, or a resumed epoch would sample differently.
-        loader = DataLoader(dataset, batch_size=cfg.batch,
-                            sampler=_SkipSampler(sampler, skip) if skip else sampler,
-                            num_workers=cfg.workers, pin_memory=ctx.device.type == "cuda",
-                            drop_last=True,
-                            generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
-        net.train()
-        loss_fn.beta = cfg.beta * beta_factor(epoch, cfg.beta_ramp_epochs)
-        sums: dict[str, float] = {}
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="it",
-                   disable=not ctx.is_main, initial=skip // cfg.batch,
-                   total=cfg.iters_per_epoch, dynamic_ncols=True)
-        done = skip // cfg.batch
-        if done < cfg.iters_per_epoch and stop_requested():
-            raise interrupted(epoch, done)
-        for x, y in bar:
-            x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
-            with torch.autocast(ctx.device.type, dtype=torch.bfloat16,
-                                enabled=ctx.device.type == "cuda"):
-                output = net(x)
-            loss, parts = loss_fn(output, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            done += 1
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + v
-            bar.set_postfix(loss=f"{parts['total']:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-            notify("step", epoch, done)
-            if done < cfg.iters_per_epoch and stop_requested():
-                bar.close()
-                raise interrupted(epoch, done)
-        n = max(cfg.iters_per_epoch - (skip // cfg.batch), 1)
-        record = {"epoch": epoch + 1, "lr": scheduler.get_last_lr()[0],
-                  **{k: v / n for k, v in sums.items()}, "time": round(time.time() - t_start, 1)}
-        scheduler.step()
-        if ctx.is_main and val_cases and ((epoch + 1) % cfg.val_every == 0
-                                          or epoch + 1 == cfg.epochs):
-            notify("validate", epoch, done)
-            recalibrate()
-            val = validate(runner, val_cases, ctx.device)
-            record["val_dice"] = val
-            record["val_mean_dice"] = float(np.mean(list(val.values())))
-            info.metrics = {"val_dice": val, "epoch": epoch + 1}
-            if record["val_mean_dice"] > best:
-                best = record["val_mean_dice"]
-                save("best", epoch + 1, 0)
-        if ctx.is_main:
-            with log_path.open("a") as fh:
-                fh.write(json.dumps(record) + "\n")
-            save("latest", epoch + 1, 0)
-            notify("saved", epoch + 1, 0)
-            remaining = (cfg.epochs - epoch - 1) * (time.time() - t_start) / (epoch + 1 - start_epoch)
-            tqdm.write(f"epoch {epoch + 1}: loss {record.get('total', float('nan')):.4f}"
-                       + (f", val Dice {record['val_dice']}" if "val_dice" in record else "")
-                       + f", ETA {remaining / 60:.1f} min")
+            _end_epoch(run, epoch, record, notify)
         barrier(ctx)
-        if epoch + 1 < cfg.epochs and stop_requested():  # latest already holds this epoch
+        if epoch + 1 < cfg.epochs and _stop_requested(run, stop):  # latest holds this epoch
             tqdm.write(f"interrupted after epoch {epoch + 1}: {cfg.out / 'latest'} saved; "
                        "continue with --resume")
             raise TrainingInterrupted(f"signal {stop.signum}")
-    if ctx.is_main and not val_cases:  # fold -1: the final model is the best we have
-        recalibrate()
-        save("best", cfg.epochs, 0)
-    return TrainResult(cfg.out, model, cfg.epochs)
+    if ctx.is_main and not run.val_cases:  # fold -1: the final model is the best we have
+        run.recalibrate()
+        run.save("best", cfg.epochs, 0)
+    return TrainResult(cfg.out, run.model, cfg.epochs)
 
 
 def train_environment() -> dict[str, str]:

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 
-import nibabel as nib
 import numpy as np
-from nibabel.orientations import apply_orientation, io_orientation
+from nibabel.orientations import apply_orientation
 
 from ciml_core.data.dataset import LoadedCase, case_from_arrays
 from ciml_core.data.labels import get_convention
@@ -32,19 +30,10 @@ REGION_KEY = "ciml_region"
 
 
 def in_memory_source(array_shape: Sequence[int], affine: np.ndarray, name: str) -> NiftiSource:
-    """A :class:`NiftiSource` for a volume that exists only in memory (stored as ``affine`` says).
-
-    The header is what nibabel writes for such an image (sform and qform = the affine, mm), so a
-    volume written back with ``write_like`` is an ordinary, correctly placed NIfTI file. ``name``
-    becomes a path that does not exist, used only in messages.
-    """
-    affine = np.asarray(affine, dtype=np.float64)
-    img = nib.Nifti1Image(np.zeros(tuple(int(s) for s in array_shape[:3]), np.uint8), affine)
-    img.set_sform(affine, code=1)
-    img.set_qform(affine, code=1)
-    img.header.set_xyzt_units("mm", "sec")
-    return NiftiSource(path=Path(f"<in memory>/{name}"), affine=affine, header=img.header.copy(),
-                       shape=tuple(int(s) for s in array_shape[:3]), ornt=io_orientation(affine))
+    """A :class:`NiftiSource` for a volume that exists only in memory (stored as ``affine`` says;
+    :meth:`NiftiSource.from_affine`). ``name`` becomes a path that does not exist, used only in
+    messages."""
+    return NiftiSource.from_affine(array_shape, affine, f"<in memory>/{name}")
 
 
 def volume_from_array(array: np.ndarray, affine: np.ndarray, name: str) -> Volume:

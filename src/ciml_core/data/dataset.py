@@ -9,7 +9,7 @@ import numpy as np
 
 from ciml_core.data.labels import validate_label_values
 from ciml_core.data.layouts import CaseFiles
-from ciml_core.data.nifti import NiftiSource, Volume, check_same_grid, load_volume
+from ciml_core.data.nifti import NiftiSource, Volume, check_grid, check_same_grid, load_volume
 from ciml_core.errors import InputDataError
 
 
@@ -107,7 +107,6 @@ def case_from_arrays(
         GeometryError: a volume is not 3-D, or the volumes (or their affines) differ, or they do
             not lie on ``reference``'s grid.
     """
-    from ciml_core.data.nifti import AFFINE_TOLERANCE_MM
     from ciml_core.errors import GeometryError
 
     if not arrays:
@@ -144,12 +143,7 @@ def case_from_arrays(
     if known:
         m0, s0 = next(iter(known.items()))
         for m, s in known.items():
-            diff = float(np.abs(s.canonical_affine - s0.canonical_affine).max())
-            if diff > AFFINE_TOLERANCE_MM:
-                raise GeometryError(
-                    f"case {case_id}: {label(m)} ({s.path}) and {label(m0)} ({s0.path}) have "
-                    f"affines that differ by up to {diff:.4g} mm (tolerance "
-                    f"{AFFINE_TOLERANCE_MM} mm); resample them onto one grid first"
-                )
+            check_grid(s, s0, what=(label(m), label(m0)), context=f"case {case_id}: ",
+                       hint="resample them onto one grid first")
     image = np.stack([volumes[m].astype(np.float32, copy=False) for m in volumes])
     return LoadedCase(case_id, tuple(volumes), image, None, reference)

@@ -13,8 +13,10 @@ import gzip
 import math
 import os
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -56,6 +58,31 @@ class NiftiSource:
     header: nib.Nifti1Header
     shape: tuple[int, ...]  # the file's spatial shape (3 axes) in its own voxel order
     ornt: np.ndarray  # the file's orientation (nibabel ornt array)
+
+    @classmethod
+    def from_affine(
+        cls,
+        shape: Sequence[int],
+        affine: np.ndarray,
+        path: str | os.PathLike,
+        *,
+        header: nib.Nifti1Header | None = None,
+        dtype: np.dtype | type = np.uint8,
+    ) -> NiftiSource:
+        """The source of a volume stored with ``affine`` and (the first 3 axes of) ``shape``, in
+        its own voxel order.
+
+        ``header``: the file's header (copied); without one, the header nibabel writes for such
+        an image (:func:`nifti_image`: sform and qform = ``affine``, mm, data type ``dtype``), so
+        that a volume that exists only in memory is written back (:func:`write_like`) as an
+        ordinary, correctly placed NIfTI file. ``path`` is used in messages (it need not exist).
+        """
+        affine = np.asarray(affine, dtype=np.float64)
+        shape = tuple(int(s) for s in shape[:3])
+        if header is None:
+            header = nifti_image(np.zeros(shape, dtype), affine).header
+        return cls(path=Path(path), affine=affine, header=header.copy(), shape=shape,
+                   ornt=io_orientation(affine))
 
     @property
     def to_canonical(self) -> np.ndarray:
@@ -166,13 +193,7 @@ def load_volume(path: str | os.PathLike, *, allow_empty: bool = True) -> Volume:
             f"{'not finite' if not np.all(np.isfinite(affine)) else 'singular'}; expected a "
             "voxel-to-world transform with non-zero voxel sizes"
         )
-    source = NiftiSource(
-        path=path,
-        affine=affine,
-        header=img.header.copy(),
-        shape=tuple(int(s) for s in raw.shape),
-        ornt=io_orientation(affine),
-    )
+    source = NiftiSource.from_affine(raw.shape, affine, path, header=img.header)
     data = apply_orientation(raw, source.to_canonical)
     return Volume(data=np.ascontiguousarray(data), source=source)
 
@@ -229,24 +250,73 @@ def check_claimed_size(path: Path, img: nib.Nifti1Image) -> None:
         )
 
 
+def grid_mismatch(
+    a: NiftiSource,
+    b: NiftiSource,
+    *,
+    what: tuple[str, str] = ("", ""),
+    canonical: bool = True,
+    context: str = "",
+    hint: str = "they must lie on one voxel grid",
+) -> str | None:
+    """Why ``a`` and ``b`` do not lie on one voxel grid (shape, then affine within
+    :data:`AFFINE_TOLERANCE_MM`), naming both files; None when they do.
+
+    Args:
+        what: what each one is, put before its path in the message (e.g. "prediction").
+        canonical: compare in canonical (RAS+) voxel order, the order arrays are compared in, so
+            the same grid stored in another axis order or flip matches; False compares the
+            files' own voxel order and affines.
+        context: put before the message (e.g. ``"case C1: "``).
+        hint: put after it, saying what is expected.
+    """
+    def name(i: int, source: NiftiSource) -> str:
+        return f"{what[i]} {source.path}" if what[i] else str(source.path)
+
+    if canonical:
+        shapes = a.canonical_shape, b.canonical_shape
+        diff = float(np.abs(a.canonical_affine - b.canonical_affine).max())
+    else:
+        shapes = tuple(a.shape), tuple(b.shape)
+        diff = float(np.abs(a.affine - b.affine).max())
+    if shapes[0] != shapes[1]:
+        order = " (canonical order)" if canonical else ""
+        return (f"{context}{name(0, a)} has shape {shapes[0]} but {name(1, b)} has shape "
+                f"{shapes[1]}{order}; {hint}")
+    if diff > AFFINE_TOLERANCE_MM:
+        return (f"{context}{name(0, a)} and {name(1, b)} have affines that differ by up to "
+                f"{diff:.4g} mm (tolerance {AFFINE_TOLERANCE_MM} mm); {hint}")
+    return None
+
+
+def check_grid(a: NiftiSource, b: NiftiSource, **how: Any) -> None:
+    """Raise GeometryError with :func:`grid_mismatch`'s message unless ``a`` and ``b`` lie on one
+    voxel grid (``how``: its keyword arguments)."""
+    problem = grid_mismatch(a, b, **how)
+    if problem:
+        raise GeometryError(problem)
+
+
 def check_same_grid(volumes: dict[str, Volume]) -> None:
-    """Raise GeometryError naming both files when shapes or affines (tolerance 1e-3 mm) differ."""
+    """Raise GeometryError naming both files when the modalities' shapes or affines (in their
+    own voxel order, tolerance :data:`AFFINE_TOLERANCE_MM`) differ."""
     items = list(volumes.items())
     name0, ref = items[0]
     for name, vol in items[1:]:
-        if vol.source.shape != ref.source.shape:
-            raise GeometryError(
-                f"{vol.source.path} ({name}) has shape {vol.source.shape} but "
-                f"{ref.source.path} ({name0}) has shape {ref.source.shape}; "
-                "all modalities of a case must share one grid"
-            )
-        diff = float(np.abs(vol.source.affine - ref.source.affine).max())
-        if diff > AFFINE_TOLERANCE_MM:
-            raise GeometryError(
-                f"{vol.source.path} ({name}) and {ref.source.path} ({name0}) have affines that "
-                f"differ by up to {diff:.4g} mm (tolerance {AFFINE_TOLERANCE_MM} mm); resample "
-                "them onto one grid first"
-            )
+        check_grid(vol.source, ref.source, what=(name, name0), canonical=False,
+                   hint="all modalities of a case must share one grid (resample them onto one "
+                   "grid first)")
+
+
+def nifti_image(array: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
+    """A NIfTI image of ``array`` (its own voxel order) with ``affine`` as both sform and qform
+    (scanner space) and mm units: how every volume made from scratch is stored."""
+    affine = np.asarray(affine, dtype=np.float64)
+    img = nib.Nifti1Image(np.ascontiguousarray(array), affine)
+    img.set_sform(affine, code=1)
+    img.set_qform(affine, code=1)
+    img.header.set_xyzt_units("mm", "sec")
+    return img
 
 
 def atomic_save(img: nib.Nifti1Image, path: str | os.PathLike, *, overwrite: bool = False) -> Path:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from ciml_core.data.labels import get_convention, labels_to_regions
 from ciml_core.data.layouts import CaseFiles
 from ciml_core.data.preprocess import crop, preprocess_image
 from ciml_core.errors import ConfigError
+from ciml_core.io import atomic_write, make_dirs
 
 MAX_FOREGROUND_SAMPLES = 10_000
 
@@ -65,7 +67,7 @@ def prepare_cases(
     """Preprocess each labelled case once into ``cache_dir/<case>.npz`` (reused when present)."""
     from tqdm.auto import tqdm
 
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(cache_dir)
     prepared = []
     for case in tqdm(cases, desc="preprocess", unit="case", disable=not progress):
         path = cache_dir / f"{case.case_id}.npz"
@@ -80,9 +82,10 @@ def prepare_cases(
                 if len(coords) > MAX_FOREGROUND_SAMPLES:
                     coords = coords[rng.choice(len(coords), MAX_FOREGROUND_SAMPLES, replace=False)]
                 fg[f"fg{i}"] = coords.astype(np.int32)
-            tmp = path.with_name(f".{path.stem}.tmp.npz")
-            np.savez(tmp, image=pre.image, regions=masks, **fg)
-            tmp.replace(path)
+            # Atomic (ciml_core.io): a worker, or a run killed meanwhile, never sees half a
+            # file; two runs preparing one cache write the same content, the last one wins.
+            atomic_write(path, partial(np.savez, image=pre.image, regions=masks, **fg),
+                         binary=True, overwrite=True)
         prepared.append(PreparedCase(case.case_id, path))
     return prepared
 

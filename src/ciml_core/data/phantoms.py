@@ -27,13 +27,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from ciml_core.data.nifti import atomic_save
+from ciml_core.data.nifti import atomic_save, nifti_image
 from ciml_core.errors import ConfigError
-from ciml_core.io import already_exists_message
+from ciml_core.io import refuse_existing
 
 KINDS = ("brats", "shapes", "petct")
 BRATS_MODALITIES = ("flair", "t1", "t1ce", "t2")
@@ -612,15 +611,6 @@ def make_petct_phantom(seed: int, shape: Sequence[int] = DEFAULT_SHAPES["petct"]
 # --------------------------------------------------------------------------------------------
 
 
-def _nifti(array: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
-    """A NIfTI image with the affine as both sform and qform (scanner space) and mm units."""
-    img = nib.Nifti1Image(np.ascontiguousarray(array), affine)
-    img.set_sform(affine, code=1)
-    img.set_qform(affine, code=1)
-    img.header.set_xyzt_units("mm", "sec")
-    return img
-
-
 #: Case folder name per kind: ``<prefix>_<seed:05d>``.
 CASE_ID_PREFIX = {"brats": "Phantom", "shapes": "Shapes", "petct": "PETCT"}
 #: File written per array of a case ("seg" is the label), per kind; ``{id}`` is the case id.
@@ -681,13 +671,9 @@ def write_phantom_dataset(
     out = Path(out)
 
     seeds = [seed + i for i in range(int(cases))]
-    if not overwrite:  # check every case first, so that a refusal writes nothing at all
-        for s in seeds:
-            case_id = _case_id(kind, s)
-            for pattern in LAYOUTS[kind].values():
-                path = out / case_id / pattern.format(id=case_id)
-                if path.exists():
-                    raise FileExistsError(already_exists_message(path))
+    # Check every case first, so that a refusal writes nothing at all.
+    refuse_existing((out / _case_id(kind, s) / pattern.format(id=_case_id(kind, s))
+                     for s in seeds for pattern in LAYOUTS[kind].values()), overwrite)
 
     folders = []
     for s in seeds:
@@ -695,7 +681,7 @@ def write_phantom_dataset(
         folder = out / case.case_id
         for key, pattern in LAYOUTS[kind].items():
             array = case.label if key == "seg" else case.images[key]
-            atomic_save(_nifti(array, case.affine), folder / pattern.format(id=case.case_id),
+            atomic_save(nifti_image(array, case.affine), folder / pattern.format(id=case.case_id),
                         overwrite=overwrite)
         folders.append(folder)
     return folders

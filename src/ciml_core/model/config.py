@@ -36,6 +36,8 @@ GATE_SWITCHES: dict[str, GateSwitches] = {
 CIML_VARIANTS = (*GATE_SWITCHES, "baseline")
 #: Every network build_model can make.
 VARIANTS = (*CIML_VARIANTS, "dynunet", "shapecomposition")
+#: What ``ciml-core train`` builds (ShapeComposition has its own experiment, ``shapes``).
+TRAINABLE_VARIANTS = tuple(v for v in VARIANTS if v != "shapecomposition")
 
 #: The encoder halves the resolution this many times, so patch sizes must be multiples of it.
 SIZE_DIVISOR = 2**NUM_LEVELS

@@ -35,7 +35,8 @@ class CIMLOutput:
 
 
 def check_input(x: Tensor, num_modalities: int, spatial_dims: int) -> None:
-    """Raise InputDataError unless ``x`` is ``[B, num_modalities, *spatial]`` with sizes % 16 == 0."""
+    """Raise InputDataError unless ``x`` is ``[B, num_modalities, *spatial]`` with sizes that are multiples of
+    :data:`~ciml_core.model.config.SIZE_DIVISOR`."""
     if x.dim() != spatial_dims + 2 or x.shape[1] != num_modalities:
         raise InputDataError(
             f"network input has shape {tuple(x.shape)}; expected [batch, {num_modalities} "

@@ -27,8 +27,6 @@ import csv
 import io
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,15 +36,24 @@ import numpy as np
 from ciml_core.data.labels import labels_to_regions, regions_to_labels
 from ciml_core.data.layouts import DEFAULT_LABEL_CONVENTION, CaseFiles, discover_cases
 from ciml_core.data.nifti import load_volume, write_like
-from ciml_core.errors import ConfigError, InputDataError, OutputError
-from ciml_core.io import is_inside
+from ciml_core.errors import ConfigError, InputDataError
+from ciml_core.io import (
+    PLACE_MODES,
+    already_exists_message,
+    atomic_write_text,
+    dir_output,
+    is_inside,
+    place_file,
+)
 from ciml_core.review.summary import summarize_session
 
-LINK_MODES = ("copy", "hardlink", "symlink")
+LINK_MODES = PLACE_MODES
 EXPORT_INFO = "review_export.json"
 #: Label file name per case-folder layout (``{id}`` is the case id).
 _LABEL_NAMES = {"brats2020": "{id}_seg.nii.gz", "brats2023": "{id}-seg.nii.gz",
                 "shapes": "{id}_seg.nii.gz", "autopet": "SEG.nii.gz"}
+#: How to get past an existing --out (an export never replaces a folder).
+_NEW_FOLDER = "and is not an empty folder; choose a new folder for the exported dataset"
 
 
 @dataclass
@@ -58,16 +65,6 @@ class ExportResult:
     label_convention: str
 
 
-def _place(src: Path, dst: Path, link: str) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if link == "hardlink":
-        os.link(src, dst)
-    elif link == "symlink":
-        os.symlink(src.resolve(), dst)
-    else:
-        shutil.copyfile(src, dst)  # content only: the copy gets ordinary permissions
-
-
 def _target_convention(layout: str, session_convention: str) -> str:
     if layout in ("brats2020", "brats2023"):
         return DEFAULT_LABEL_CONVENTION[layout]
@@ -75,9 +72,8 @@ def _target_convention(layout: str, session_convention: str) -> str:
 
 
 def _write_label(mask: Path, dst: Path, source_convention: str, convention: str) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
     if convention == source_convention:
-        shutil.copyfile(mask, dst)
+        place_file(mask, dst, "copy")
         return
     volume = load_volume(mask)
     regions = labels_to_regions(volume.data, source_convention)
@@ -128,8 +124,7 @@ def review_export(
         raise InputDataError(f"--out {out} is inside the input dataset {root}; the export never "
                              "writes into its inputs")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} already exists and is not an empty folder; choose a new "
-                              "folder for the exported dataset")
+        raise FileExistsError(already_exists_message(out, hint=_NEW_FOLDER))
     files = {c.case_id: c for c in discover_cases(dataset, layout)}
     absent = [c.case_id for c in chosen if c.case_id not in files]
     if absent:
@@ -144,16 +139,16 @@ def review_export(
             raise ConfigError(f"the session's masks ({source_convention}) cannot be written as "
                               f"{layout} labels ({convention})")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
     used = link
-    try:
+    # Built beside --out and moved into place at the end (refused, atomically, when --out has
+    # meanwhile become a file or a non-empty folder).
+    with dir_output(out, overwrite=False, hint=_NEW_FOLDER) as tmp:
         manifest_rows = []
         for c in chosen:
             case = files[c.case_id]
             try:
-                placed = _export_case(case, c.mask, tmp, root, layout, link, source_convention,
-                                      convention)
+                placed = _export_case(case, c.mask, tmp, root, layout, link,
+                                      source_convention, convention)
             except OSError:
                 if link != "hardlink":
                     raise
@@ -167,7 +162,7 @@ def review_export(
         if layout == "nnunet":
             doc = json.loads((root / "dataset.json").read_text())
             doc["numTraining"] = len(chosen)
-            (tmp / "dataset.json").write_text(json.dumps(doc, indent=2) + "\n")
+            atomic_write_text(tmp / "dataset.json", json.dumps(doc, indent=2) + "\n")
         if layout == "manifest":
             dataset_path = out / "manifest.csv"
             modalities = list(dict.fromkeys(m for row in manifest_rows for m in row[1]))
@@ -176,23 +171,13 @@ def review_export(
             writer.writerow(["case_id", *modalities, "label"])
             for case_id, images, label in manifest_rows:
                 writer.writerow([case_id, *[images.get(m, "") for m in modalities], label])
-            (tmp / "manifest.csv").write_text(buffer.getvalue())
+            atomic_write_text(tmp / "manifest.csv", buffer.getvalue())
         info = {"session": str(Path(session_dir).resolve()), "dataset": str(dataset),
                 "layout": layout, "label_convention": convention,
                 "model_sha256": meta.get("model_sha256"), "link": used,
                 "exported": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "cases": {c.case_id: c.decision for c in chosen}}
-        (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        try:
-            os.rename(tmp, out)
-        except OSError as err:
-            raise OutputError(f"{out}: cannot create the exported dataset ({err})") from err
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        atomic_write_text(tmp / EXPORT_INFO, json.dumps(info, indent=2) + "\n")
     return ExportResult(dataset_path, layout, [c.case_id for c in chosen], used, convention)
 
 
@@ -229,7 +214,7 @@ def _export_case(case: CaseFiles, mask: Path, tmp: Path, root: Path, layout: str
     for src, dst in targets:
         if replace and (dst.exists() or dst.is_symlink()):
             dst.unlink()
-        _place(src, dst, link)
+        place_file(src, dst, link)
     if replace and label.exists():
         label.unlink()
     _write_label(mask, label, source_convention, convention)

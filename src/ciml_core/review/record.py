@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -35,6 +34,7 @@ import numpy as np
 from ciml_core.data.labels import get_convention, validate_label_values
 from ciml_core.data.nifti import NiftiSource, write_like
 from ciml_core.errors import ConfigError, GeometryError, InputDataError
+from ciml_core.io import already_exists_message, append_bytes, write_with_rollback
 from ciml_core.metrics import dice, region_metrics
 
 #: The decisions that save a mask.
@@ -177,22 +177,13 @@ def reference_metrics(
 
 
 def append_record(log: str | os.PathLike, record: ReviewRecord) -> Path:
-    """Append one JSON line to the review log (created with its folder when missing)."""
-    log = Path(log)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    line = (record.to_json() + "\n").encode("utf-8")
-    # One write(2) of a whole line on an O_APPEND descriptor: concurrent writers never
-    # interleave lines, and a crash leaves at most one truncated last line (read_reviews
-    # reports it).
-    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        written = os.write(fd, line)
-        if written != len(line):
-            raise OSError(f"{log}: short write ({written} of {len(line)} bytes)")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return log
+    """Append one JSON line to the review log (created with its folder when missing).
+
+    One write of a whole line (:func:`ciml_core.io.append_bytes`): concurrent writers never
+    interleave lines, and a crash leaves at most one truncated last line (read_reviews reports
+    it).
+    """
+    return append_bytes(log, (record.to_json() + "\n").encode("utf-8"))
 
 
 def read_reviews(log: str | os.PathLike, *, strict: bool = True) -> list[dict[str, Any]]:
@@ -227,29 +218,6 @@ def _check_reviewer(reviewer: str) -> str:
     if not reviewer:
         raise ConfigError("reviewer: the reviewer's name is required for a review record")
     return reviewer
-
-
-def _publish_with_record(write, target: Path, overwrite: bool, append) -> None:
-    """Write the mask (``write(overwrite)``), then append its record (``append()``); if the
-    append fails, undo the mask (remove it, or put the earlier file back) and re-raise."""
-    backup = None
-    if overwrite and target.exists():
-        backup = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.previous")
-        os.link(target, backup)  # the earlier mask stays reachable until the record is in
-    try:
-        write(overwrite)
-        try:
-            append()
-        except BaseException:
-            if backup is not None:
-                os.replace(backup, target)
-                backup = None
-            else:
-                target.unlink(missing_ok=True)
-            raise
-    finally:
-        if backup is not None:
-            backup.unlink(missing_ok=True)
 
 
 def save_review(
@@ -302,8 +270,8 @@ def save_review(
     inputs = [source.path, *inputs]
     check_not_input(target, inputs)
     if target.exists() and not overwrite:  # early, friendly; the publish below is what refuses
-        raise FileExistsError(f"{target} already exists (tick 'overwrite' / pass overwrite=True "
-                              "to replace it)")
+        raise FileExistsError(already_exists_message(
+            target, hint="tick 'overwrite' / pass overwrite=True to replace it"))
     _check_label(label, label_convention, f"reviewed mask of case {case_id}")
     if tuple(label.shape) != source.canonical_shape:
         raise GeometryError(f"reviewed mask of case {case_id} has shape {label.shape}; the "
@@ -338,8 +306,9 @@ def save_review(
         write_label_volume(label, source, target, label_convention=label_convention,
                            inputs=inputs, overwrite=replace)
 
-    _publish_with_record(write, target, overwrite,
-                         lambda: append_record(Path(out_dir) / REVIEW_LOG, record))
+    # A failed append removes the new mask again (or puts the replaced one back).
+    write_with_rollback(target, write, lambda: append_record(Path(out_dir) / REVIEW_LOG, record),
+                        overwrite=overwrite)
     return record
 
 

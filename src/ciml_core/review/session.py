@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -38,13 +37,12 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
-from nibabel.orientations import io_orientation
 
 from ciml_core.data.labels import get_convention, validate_label_values
 from ciml_core.data.layouts import DEFAULT_LABEL_CONVENTION, CaseFiles, discover_cases
-from ciml_core.data.nifti import AFFINE_TOLERANCE_MM, NiftiSource, load_volume, write_like
+from ciml_core.data.nifti import NiftiSource, grid_mismatch, load_volume, write_like
 from ciml_core.errors import CimlError, ConfigError, GeometryError, InputDataError
-from ciml_core.io import atomic_write_text, is_inside
+from ciml_core.io import atomic_write_text, is_inside, link_or_copy
 from ciml_core.review.record import (
     REJECT_REASONS,
     REVIEW_LOG,
@@ -91,27 +89,17 @@ def header_source(path: str | os.PathLike) -> NiftiSource:
         img = nib.load(str(path))
     except Exception as err:  # noqa: BLE001 - nibabel raises many types for a bad file
         raise InputDataError(f"{path}: not a readable NIfTI file ({err})") from err
-    affine = np.asarray(img.affine, dtype=np.float64)
-    shape = tuple(int(s) for s in img.shape[:3])
-    if len(shape) < 3 or any(int(s) != 1 for s in img.shape[3:]):
+    if len(img.shape) < 3 or any(int(s) != 1 for s in img.shape[3:]):
         raise InputDataError(f"{path}: expected a 3-D volume, the header says {img.shape}")
-    return NiftiSource(path=path, affine=affine, header=img.header.copy(), shape=shape,
-                       ornt=io_orientation(affine))
+    return NiftiSource.from_affine(img.shape, img.affine, path, header=img.header)
 
 
-def grid_mismatch(prediction: NiftiSource, image: NiftiSource, case_id: str) -> str | None:
-    """Why ``prediction`` does not lie on the grid of ``image`` (canonical order), or None."""
-    if prediction.canonical_shape != image.canonical_shape:
-        return (f"case {case_id}: the prediction {prediction.path} has shape "
-                f"{prediction.canonical_shape} but its images ({image.path}) have "
-                f"{image.canonical_shape} (canonical order); a prediction must lie on its "
-                "images' grid")
-    diff = float(np.abs(prediction.canonical_affine - image.canonical_affine).max())
-    if diff > AFFINE_TOLERANCE_MM:
-        return (f"case {case_id}: the prediction {prediction.path} and its images "
-                f"({image.path}) have affines that differ by up to {diff:.4g} mm (tolerance "
-                f"{AFFINE_TOLERANCE_MM} mm); a prediction must lie on its images' grid")
-    return None
+def prediction_off_grid(prediction: NiftiSource, image: NiftiSource, case_id: str) -> str | None:
+    """Why ``prediction`` does not lie on the grid of ``image`` (canonical order), or None
+    (:func:`~ciml_core.data.nifti.grid_mismatch`)."""
+    return grid_mismatch(prediction, image, what=("the prediction", "the image"),
+                         context=f"case {case_id}: ",
+                         hint="a prediction must lie on its images' grid")
 
 
 @dataclass
@@ -369,7 +357,8 @@ class ReviewSession:
             elif case.prediction is not None and files.images:
                 try:
                     image = header_source(next(iter(files.images.values())))
-                    case.problem = grid_mismatch(header_source(case.prediction), image, case_id)
+                    case.problem = prediction_off_grid(header_source(case.prediction), image,
+                                                       case_id)
                 except InputDataError as err:
                     case.problem = f"case {case_id}: {err}"
             cases.append(case)
@@ -562,11 +551,12 @@ class ReviewSession:
         if case.origin == "missing":
             return None
         if case.origin == "model":
-            from ciml_core.infer import predict_case
+            from ciml_core.infer import InferenceSettings, predict_case
 
             model = self.load_model()
             with self._predict_lock:  # one forward pass at a time (prefetch + current case)
-                prediction = predict_case(model, loaded, device=device, progress=progress)
+                prediction = predict_case(model, loaded, InferenceSettings(device=device),
+                                          progress=progress)
             target = self.folder / MODEL_OUTPUT / f"{case.case_id}.nii.gz"
             try:
                 write_like(prediction.label, loaded.reference, target, dtype=np.uint8)
@@ -574,7 +564,7 @@ class ReviewSession:
                 pass  # computed meanwhile (another worker): the file is read below
             case.prediction, case.origin = target, "computed"
         volume = load_volume(case.prediction)
-        mismatch = grid_mismatch(volume.source, loaded.reference, case.case_id)
+        mismatch = prediction_off_grid(volume.source, loaded.reference, case.case_id)
         if mismatch:
             raise GeometryError(mismatch)
         validate_label_values(volume.data, self.label_convention, str(case.prediction))
@@ -610,7 +600,7 @@ class ReviewSession:
         except InputDataError as err:
             self.warnings.append(f"draft of case {case_id} ignored: {err}")
             return None
-        if reference is not None and grid_mismatch(volume.source, reference, case_id):
+        if reference is not None and grid_mismatch(volume.source, reference):
             self.warnings.append(f"draft {path} ignored: not on the grid of case {case_id}")
             return None
         meta: Mapping[str, Any] = {}
@@ -637,16 +627,10 @@ class ReviewSession:
         folder.mkdir(parents=True, exist_ok=True)
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
         for n in range(1000):
-            copy = folder / f"{case_id}.{stamp}.{n}.nii.gz"
             try:
-                os.link(mask, copy)
-                return copy
+                return link_or_copy(mask, folder / f"{case_id}.{stamp}.{n}.nii.gz")
             except FileExistsError:
                 continue
-            except OSError:
-                if not copy.exists():
-                    shutil.copy2(mask, copy)
-                    return copy
         raise ConfigError(f"{folder}: cannot find a free name for the superseded mask")
 
     def decide(

@@ -32,18 +32,12 @@ from typing import Any
 import numpy as np
 
 from ciml_core.data.labels import get_convention
-from ciml_core.data.nifti import load_volume
-from ciml_core.errors import ConfigError, GeometryError, InputDataError
+from ciml_core.data.nifti import check_grid, load_volume
+from ciml_core.errors import ConfigError, InputDataError
 from ciml_core.io import atomic_write, atomic_write_text, refuse_existing
 from ciml_core.metrics import dice
 from ciml_core.review.record import REVIEW_LOG, SESSION_DECISIONS, read_reviews
-from ciml_core.review.session import (
-    REVIEWED,
-    SESSION_FILE,
-    TODO,
-    ReviewSession,
-    grid_mismatch,
-)
+from ciml_core.review.session import REVIEWED, SESSION_FILE, TODO, ReviewSession
 
 SUMMARY_CSV = "review_summary.csv"
 SUMMARY_MD = "review_summary.md"
@@ -162,9 +156,9 @@ def inter_reader(a: SessionSummary, b: SessionSummary) -> InterReader:
             row[name] = None
         if both:
             va, vb = load_volume(ca.mask), load_volume(cb.mask)
-            mismatch = grid_mismatch(va.source, vb.source, ca.case_id)
-            if mismatch:
-                raise GeometryError(mismatch)
+            check_grid(va.source, vb.source, what=(f"{a.name}'s mask", f"{b.name}'s mask"),
+                       context=f"case {ca.case_id}: ",
+                       hint="two reviews of a case must lie on one grid")
             for name, values in conv.regions:
                 row[name] = dice(np.isin(va.data, values), np.isin(vb.data, values))
         result.rows.append(row)

@@ -1,12 +1,11 @@
-"""Pieces the dock widgets share: notifications, layer combos, background jobs, torch threads."""
+"""Pieces the dock widgets share: notifications, layer combos, background jobs, result layers."""
 
 from __future__ import annotations
 
-import os
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
+from typing import Any, TypeVar
 
 import torch
 from napari.utils import notifications
@@ -21,8 +20,10 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ciml_core.errors import CimlError
-from ciml_core.infer import Cancelled
+from ciml_core.errors import Cancelled, CimlError
+from ciml_core.infer import ProgressFn
+from ciml_core.runtime import background_threads, torch_threads
+from napari_ciml._layers import ROLE
 from napari_ciml._session import get_session
 
 #: Exceptions that are the user's input, not a bug: shown as one readable notification.
@@ -45,27 +46,48 @@ class ProgressRelay(QObject):
     progress = Signal(int, int)
 
 
-def worker_threads() -> int:
-    """Torch threads for a background job: leave one core to the GUI thread, so that the event
-    loop (and the canvas) keeps running while the kernels use the rest."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 2) - 1)
+T = TypeVar("T")
 
 
-_THREADS_LOCK = threading.Lock()
+def background_torch() -> AbstractContextManager[None]:
+    """Torch threads for a job beside the GUI thread: every core but one
+    (:func:`ciml_core.runtime.background_threads`), restored afterwards."""
+    return torch_threads(background_threads())
 
 
-@contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Run a block with ``torch.set_num_threads(n)`` (process-wide) and restore it after."""
-    with _THREADS_LOCK:
-        before = torch.get_num_threads()
-        torch.set_num_threads(n)
+def run_model_job(session, ref: str, work: Callable[[Any, ProgressFn], T], *, what: str,
+                  should_stop: Callable[[], bool], relay: ProgressRelay) -> T:
+    """The background part of a model run (Segment, Explain): ``work(loaded, progress)``.
+
+    Waits for the session's model lock (another widget's run may hold the model), loads the
+    checkpoint ``ref`` with :func:`background_torch` threads and calls ``work`` with the loaded
+    model and a ``progress(done, total)`` callback for ciml_core that relays every report to the
+    widget's progress bar. :class:`~ciml_core.errors.Cancelled` ("<what> cancelled") is raised
+    as soon as ``should_stop()`` is true (while waiting, after loading, at each report) and when
+    the widget was closed. ``should_stop`` and ``relay`` are what :meth:`JobWidget._launch`
+    passes.
+    """
+
+    def check() -> None:
+        if should_stop():
+            raise Cancelled(f"{what} cancelled")
+
+    def progress(done: int, total: int) -> None:
+        check()
+        try:
+            relay.progress.emit(done, total)
+        except RuntimeError:  # the widget (and its relay) was closed: stop quietly
+            raise Cancelled(f"{what} cancelled (widget closed)") from None
+
+    while not session.model_lock.acquire(timeout=0.05):  # another run may hold the model
+        check()
     try:
-        yield
+        with background_torch():
+            loaded = session.load_model(ref)
+            check()
+            return work(loaded, progress)
     finally:
-        with _THREADS_LOCK:
-            torch.set_num_threads(before)
+        session.model_lock.release()
 
 
 def start_job(func: Callable[..., Any], *args: Any, on_result: Callable[[Any], None],
@@ -167,6 +189,41 @@ def combo_value(combo: QComboBox) -> str | None:
     return None if not text or text == NONE_TEXT else text
 
 
+def find_layer(layers: Iterable, name: str, role: str):
+    """The layer called ``name`` that a widget made with ``metadata[ROLE] == role``, or None."""
+    for layer in layers:
+        if layer.name == name and layer.metadata.get(ROLE) == role:
+            return layer
+    return None
+
+
+def replace_or_add_layer(viewer, kind: str, name: str, data: Any, *, role: str, metadata: dict,
+                         scale: Sequence[float], translate: Sequence[float],
+                         keep_previous: bool = False, refresh: Sequence[str] = (),
+                         on_replace: Callable[[Any], None] | None = None, **style: Any):
+    """Show a result as the layer ``name``; returns the layer.
+
+    The layer called ``name`` with ``metadata[ROLE] == role`` gets the new data, metadata
+    (``role`` included by the caller), grid and the ``style`` keys named in ``refresh`` (the
+    others are the user's to change); ``on_replace(layer)`` runs first, while the layer still
+    holds the previous result. Without such a layer, or with ``keep_previous``, a new one is
+    added with ``viewer.add_<kind>`` (napari makes its name unique) and every ``style`` key.
+    """
+    old = None if keep_previous else find_layer(viewer.layers, name, role)
+    if old is None:
+        add = getattr(viewer, f"add_{kind}")
+        return add(data, name=name, metadata=metadata, scale=scale, translate=translate,
+                   **style)
+    if on_replace is not None:
+        on_replace(old)
+    old.data = data
+    old.metadata = metadata
+    old.scale, old.translate = scale, translate
+    for key in refresh:
+        setattr(old, key, style[key])
+    return old
+
+
 class CimlWidget(QWidget):
     """Base of the dock widgets: the viewer, its :class:`CimlSession`, layer-change refreshes."""
 
@@ -202,8 +259,9 @@ class JobWidget(CimlWidget):
     start a job with :meth:`_launch` and turn its result into GUI steps
     (:meth:`_result_steps`, one layer per step, see :func:`run_steps`). The job gets
     ``should_stop`` and ``relay`` keyword arguments: it reports ``relay.progress.emit(done,
-    total)`` and raises :class:`~ciml_core.infer.Cancelled` when ``should_stop()`` is true,
-    which is what ciml_core's ``progress`` callbacks are for.
+    total)`` and raises :class:`~ciml_core.errors.Cancelled` when ``should_stop()`` is true,
+    which is what ciml_core's ``progress`` callbacks are for; :func:`run_model_job` does both
+    for a job that runs the session's model.
     """
 
     #: emitted in the GUI thread when a run is over: "done", "cancelled" or "error"
@@ -260,6 +318,11 @@ class JobWidget(CimlWidget):
                                 on_result=self._on_result, on_error=self._on_error,
                                 on_finished=self._on_finished, **kwargs)
         return self.worker
+
+    def _launch_model_job(self, work: Callable[[Any, ProgressFn], Any], *, what: str):
+        """Start :func:`run_model_job`: ``work(loaded, progress)`` on the session's model."""
+        return self._launch(run_model_job, self.session, self.session.model_ref, work,
+                            what=what)
 
     def cancel(self) -> None:
         """Ask the running job to stop at its next progress report; no layer is changed."""

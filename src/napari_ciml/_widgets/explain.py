@@ -32,21 +32,20 @@ from ciml_core.data.dataset import LoadedCase
 from ciml_core.data.nifti import NiftiSource
 from ciml_core.errors import InputDataError
 from ciml_core.explain import MODES, explain_case, list_pairs, pair_name
-from ciml_core.infer import Cancelled, resolve_device
+from ciml_core.infer import InferenceSettings
 from ciml_core.model import ModelConfig
+from ciml_core.runtime import resolve_device
 from napari_ciml._layers import ROLE, auto_map, case_from_layers, image_layers
 from napari_ciml._shortcuts import install_shortcuts
 from napari_ciml._widgets._common import (
     USER_ERRORS,
     JobWidget,
-    ProgressRelay,
     add_device_row,
     combo_value,
     fill_combo,
     notify_error,
     notify_info,
-    torch_threads,
-    worker_threads,
+    replace_or_add_layer,
 )
 
 ALL_PAIRS = "all"
@@ -90,30 +89,6 @@ class _ExplainContext:
     translate: tuple[float, ...]
     started: float
     device: str
-
-
-def explain_job(session, ref: str, case: LoadedCase, pairs, *, target_mask, mode: str,
-                device: str, prediction, should_stop, relay: ProgressRelay):
-    """The background part of an Explain run."""
-
-    def progress(done: int, total: int) -> None:
-        if should_stop():
-            raise Cancelled(f"case {case.case_id}: Grad-CAM cancelled")
-        try:
-            relay.progress.emit(done, total)
-        except RuntimeError:  # the widget (and its relay) was closed: stop quietly
-            raise Cancelled(f"case {case.case_id}: Grad-CAM cancelled (widget closed)") from None
-
-    while not session.model_lock.acquire(timeout=0.05):  # a Segment run may hold the model
-        if should_stop():
-            raise Cancelled(f"case {case.case_id}: Grad-CAM cancelled")
-    try:
-        with torch_threads(worker_threads()):
-            loaded = session.load_model(ref)
-            return explain_case(loaded, case, pairs, target_mask=target_mask, mode=mode,
-                                device=device, progress=progress, prediction=prediction)
-    finally:
-        session.model_lock.release()
 
 
 class ExplainWidget(JobWidget):
@@ -262,9 +237,13 @@ class ExplainWidget(JobWidget):
         self._context = _ExplainContext(case, case.reference, tuple(first.scale),
                                         tuple(first.translate), time.perf_counter(), device)
         self.status_label.setText(f"Grad-CAM of {choice} on {case.case_id} ({device})…")
-        return self._launch(explain_job, self.session, self.session.model_ref, case, pairs,
-                            target_mask=target_mask, mode=self.mode_combo.currentText(),
-                            device=device, prediction=prediction)
+        settings, mode = InferenceSettings(device=device), self.mode_combo.currentText()
+
+        def work(loaded, progress) -> list[Any]:
+            return explain_case(loaded, case, pairs, settings, target_mask=target_mask,
+                                mode=mode, progress=progress, prediction=prediction)
+
+        return self._launch_model_job(work, what=f"case {case.case_id}: Grad-CAM")
 
     def _target_mask(self, case: LoadedCase) -> np.ndarray | None:
         if not self.target_roi.isChecked():
@@ -316,19 +295,12 @@ class ExplainWidget(JobWidget):
 
     def _put_heatmap(self, name: str, data: np.ndarray, meta: dict, limits: tuple,
                      visible: bool, ctx: _ExplainContext) -> None:
-        layer = next((x for x in self.heatmap_layers() if x.name == name), None)
-        if layer is not None:
-            layer.data = data
-            layer.metadata = meta
-            layer.scale, layer.translate = ctx.scale, ctx.translate
-            layer.contrast_limits = limits
-            return
         # Only the first map is visible: a dozen additive maps at once is noise.
-        self.viewer.add_image(data, name=name, metadata=meta,
-                              colormap=heatmap_colormap(self.colormap_combo.currentText()),
-                              blending="additive",
-                              opacity=0.6, contrast_limits=limits, visible=visible,
-                              scale=ctx.scale, translate=ctx.translate)
+        replace_or_add_layer(
+            self.viewer, "image", name, data, role="heatmap", metadata=meta, scale=ctx.scale,
+            translate=ctx.translate, refresh=("contrast_limits",),
+            colormap=heatmap_colormap(self.colormap_combo.currentText()), blending="additive",
+            opacity=0.6, contrast_limits=limits, visible=visible)
 
     def _restyle(self, *_args) -> None:
         """Apply the colormap / normalisation choice to the layers of the last run."""

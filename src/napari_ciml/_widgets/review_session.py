@@ -60,11 +60,10 @@ from napari_ciml._shortcuts import install_shortcuts
 from napari_ciml._widgets._common import (
     USER_ERRORS,
     CimlWidget,
+    background_torch,
     notify_error,
     notify_info,
     start_job,
-    torch_threads,
-    worker_threads,
 )
 
 #: Seconds between two draft autosaves (a draft is written only when the mask changed).
@@ -414,7 +413,7 @@ class ReviewSessionWidget(CimlWidget):
         review = self.review
 
         def load() -> ReviewCase:
-            with torch_threads(worker_threads()):
+            with background_torch():
                 return review.load(case_id)
 
         self._workers[case_id] = start_job(

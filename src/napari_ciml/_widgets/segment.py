@@ -3,7 +3,8 @@
 The widget only gathers choices; ciml_core does the work: the case is built and validated by
 :func:`ciml_core.data.dataset.case_from_arrays`, the prediction is
 :func:`ciml_core.infer.predict_case`, whose per-window ``progress`` callback both drives the
-progress bar and raises :class:`ciml_core.infer.Cancelled` when Cancel was pressed.
+progress bar and raises :class:`ciml_core.errors.Cancelled` when Cancel was pressed (see
+:func:`napari_ciml._widgets._common.run_model_job`).
 """
 
 from __future__ import annotations
@@ -30,10 +31,11 @@ from qtpy.QtWidgets import (
     QVBoxLayout,
 )
 
-from ciml_core.checkpoint import read_checkpoint_config, resolve_checkpoint
+from ciml_core.checkpoint import CheckpointSummary, describe, resolve_checkpoint
 from ciml_core.data.dataset import LoadedCase
 from ciml_core.data.nifti import NiftiSource
-from ciml_core.infer import Cancelled, CasePrediction, predict_case, resolve_device
+from ciml_core.infer import CasePrediction, InferenceSettings, predict_case
+from ciml_core.runtime import resolve_device
 from napari_ciml._layers import (
     REGION_KEY,
     ROLE,
@@ -47,39 +49,16 @@ from napari_ciml._shortcuts import install_shortcuts
 from napari_ciml._widgets._common import (
     USER_ERRORS,
     JobWidget,
-    ProgressRelay,
     add_device_row,
     combo_value,
     fill_combo,
+    find_layer,
     notify_error,
     notify_info,
-    torch_threads,
-    worker_threads,
+    replace_or_add_layer,
 )
 
 DEMO_TEXT = "Bundled demo model"
-
-
-def checkpoint_summary(document: dict[str, Any], ref: str) -> str:
-    """A few lines about a checkpoint (what ``ciml-core info`` prints, condensed)."""
-    model = document["model"]
-    training = document.get("training", {})
-    cfg = training.get("config", {}) or {}
-    patch = "x".join(str(p) for p in document.get("patch_size", []))
-    epochs = training.get("epochs_completed")
-    trained = (f"{epochs}/{cfg.get('epochs', '?')} epochs" if epochs is not None
-               else "training record absent")
-    lines = [
-        f"{'bundled demo' if ref == DEMO else resolve_checkpoint(ref)}",
-        f"variant {model['variant']}, C={model['width']}, patch {patch}",
-        f"{', '.join(document['modalities'])} -> {', '.join(document['regions'])} "
-        f"({document['label_convention']})",
-        f"{trained}; sha256 {document['weights_sha256'][:12]}",
-    ]
-    dice = document.get("metrics", {}).get("val_dice")
-    if isinstance(dice, dict):
-        lines.append("val Dice " + ", ".join(f"{k} {v:.2f}" for k, v in dice.items()))
-    return "\n".join(lines)
 
 
 @dataclass
@@ -97,33 +76,6 @@ class _RunContext:
     started: float
 
 
-def segment_job(session, ref: str, case: LoadedCase, *, overlap: float, mirror: bool,
-                device: str, should_stop, relay: ProgressRelay) -> tuple[Any, CasePrediction]:
-    """The background part of a run: load the model, predict, report every window."""
-
-    def progress(done: int, total: int) -> None:
-        if should_stop():
-            raise Cancelled(f"case {case.case_id}: segmentation cancelled")
-        try:
-            relay.progress.emit(done, total)
-        except RuntimeError:  # the widget (and its relay) was closed: stop quietly
-            raise Cancelled(f"case {case.case_id}: segmentation cancelled (widget closed)") from None
-
-    while not session.model_lock.acquire(timeout=0.05):  # Explain may hold the model
-        if should_stop():
-            raise Cancelled(f"case {case.case_id}: segmentation cancelled")
-    try:
-        with torch_threads(worker_threads()):
-            loaded = session.load_model(ref)
-            if should_stop():
-                raise Cancelled(f"case {case.case_id}: segmentation cancelled")
-            prediction = predict_case(loaded, case, overlap=overlap, mirror=mirror,
-                                      device=device, progress=progress)
-    finally:
-        session.model_lock.release()
-    return loaded, prediction
-
-
 class SegmentWidget(JobWidget):
     """Dock widget: model, modality -> layer mapping, device, overlap, TTA; Run / Cancel."""
 
@@ -133,7 +85,7 @@ class SegmentWidget(JobWidget):
         super().__init__(napari_viewer)
         self._context: _RunContext | None = None
         self._result: tuple[Any, CasePrediction] | None = None
-        self._document: dict[str, Any] | None = None
+        self._summary: CheckpointSummary | None = None
         self._combos: dict[str, QComboBox] = {}
         self._build_ui()
         self.set_model(self.session.model_ref)
@@ -170,7 +122,7 @@ class SegmentWidget(JobWidget):
         self.overlap_spin = QDoubleSpinBox()
         self.overlap_spin.setRange(0.0, 0.9)
         self.overlap_spin.setSingleStep(0.05)
-        self.overlap_spin.setValue(0.5)
+        self.overlap_spin.setValue(InferenceSettings().overlap)
         self.overlap_spin.setToolTip("Overlap of neighbouring sliding windows (more = smoother, "
                                      "slower)")
         options.addRow("Overlap", self.overlap_spin)
@@ -187,22 +139,22 @@ class SegmentWidget(JobWidget):
     # ------------------------------------------------------------------ model
     @property
     def modalities(self) -> tuple[str, ...]:
-        return tuple(self._document["modalities"]) if self._document else ()
+        return tuple(self._summary.config.decomposition.modalities) if self._summary else ()
 
     def set_model(self, ref: str | Path) -> bool:
         """Use the checkpoint ``ref`` ("demo" or a folder); False (and a notification) when it
         cannot be read, in which case the previous model stays selected."""
         ref = str(ref)
         try:
-            document = read_checkpoint_config(ref)
+            summary = describe(ref)
         except USER_ERRORS as err:
             notify_error(err)
             self._select_model_item(self.session.model_ref)
             return False
-        self._document = document
+        self._summary = summary
         self.session.model_ref = ref
         self._select_model_item(ref)
-        self.info_label.setText(checkpoint_summary(document, ref))
+        self.info_label.setText("\n".join(summary.lines(brief=True)))
         self._rebuild_mapping()
         return True
 
@@ -270,11 +222,13 @@ class SegmentWidget(JobWidget):
             return None
         self.last_error = None
         try:
-            if self._document is None:
+            if self._summary is None:
                 raise ValueError("no model selected")
             mapping = self.mapping()
             case = case_from_layers(self.viewer.layers, mapping, self.modalities)
             device = str(resolve_device(self.device))
+            settings = InferenceSettings(overlap=float(self.overlap_spin.value()),
+                                         mirror=self.tta_check.isChecked(), device=device)
         except USER_ERRORS as err:
             self.last_error = str(err)
             notify_error(err)
@@ -287,9 +241,11 @@ class SegmentWidget(JobWidget):
             keep_previous=self.keep_check.isChecked(), started=time.perf_counter(),
         )
         self.status_label.setText(f"Segmenting {case.case_id} on {device}…")
-        return self._launch(segment_job, self.session, self.session.model_ref, case,
-                            overlap=float(self.overlap_spin.value()),
-                            mirror=self.tta_check.isChecked(), device=device)
+
+        def work(loaded, progress) -> tuple[Any, CasePrediction]:
+            return loaded, predict_case(loaded, case, settings, progress=progress)
+
+        return self._launch_model_job(work, what=f"case {case.case_id}: segmentation")
 
     def _set_running(self, running: bool) -> None:
         super()._set_running(running)
@@ -305,12 +261,6 @@ class SegmentWidget(JobWidget):
             f"{loaded.weights_sha256[:12]})")
 
     # ------------------------------------------------------------------ layers
-    def _find(self, name: str, role: str):
-        for layer in self.viewer.layers:
-            if layer.name == name and layer.metadata.get(ROLE) == role:
-                return layer
-        return None
-
     def _result_steps(self, result: tuple[Any, CasePrediction]) -> list:
         """One step per layer: probability maps (if asked), then the label layer."""
         loaded, prediction = result
@@ -339,47 +289,34 @@ class SegmentWidget(JobWidget):
         steps.append(partial(self._put_labels, f"{case_id} CIML", loaded, prediction, meta, ctx))
         return steps
 
-    def _find(self, name: str, role: str):
-        for layer in self.viewer.layers:
-            if layer.name == name and layer.metadata.get(ROLE) == role:
-                return layer
-        return None
-
     def _remove(self, names: list[str], role: str) -> None:
         for name in names:
-            old = self._find(name, role)
+            old = find_layer(self.viewer.layers, name, role)
             if old is not None:
                 self.viewer.layers.remove(old)
 
     def _put_probability(self, name: str, data: np.ndarray, meta: dict,
                          ctx: _RunContext) -> None:
-        old = None if ctx.keep_previous else self._find(name, "probability")
-        if old is not None:
-            old.data = data
-            old.metadata = meta
-            old.scale, old.translate = ctx.scale, ctx.translate
-            return
-        self.viewer.add_image(data, name=name, metadata=meta, colormap="magma",
-                              blending="additive", contrast_limits=(0.0, 1.0), opacity=0.7,
-                              visible=False, scale=ctx.scale, translate=ctx.translate)
+        replace_or_add_layer(
+            self.viewer, "image", name, data, role="probability", metadata=meta,
+            scale=ctx.scale, translate=ctx.translate, keep_previous=ctx.keep_previous,
+            colormap="magma", blending="additive", contrast_limits=(0.0, 1.0), opacity=0.7,
+            visible=False)
 
     def _put_labels(self, name: str, loaded, prediction: CasePrediction, meta: dict,
                     ctx: _RunContext) -> None:
         convention = meta["label_convention"]
         prediction_id = uuid.uuid4().hex
         meta = {**meta, "ciml_prediction_id": prediction_id}
-        old = None if ctx.keep_previous else self._find(name, "prediction")
-        if old is not None:
+
+        def forget(old) -> None:  # the replaced result is no longer on screen
             self.session.predictions.pop(old.metadata.get("ciml_prediction_id"), None)
-            old.data = prediction.label
-            old.metadata = meta
-            old.scale, old.translate = ctx.scale, ctx.translate
-            old.colormap = label_colormap(convention)
-            layer = old
-        else:
-            layer = self.viewer.add_labels(prediction.label, name=name, metadata=meta,
-                                           colormap=label_colormap(convention), opacity=0.6,
-                                           scale=ctx.scale, translate=ctx.translate)
+
+        layer = replace_or_add_layer(
+            self.viewer, "labels", name, prediction.label, role="prediction", metadata=meta,
+            scale=ctx.scale, translate=ctx.translate, keep_previous=ctx.keep_previous,
+            refresh=("colormap",), on_replace=forget, colormap=label_colormap(convention),
+            opacity=0.6)
         self.session.add_prediction(prediction_id, PredictionInfo(
             layer_name=layer.name, case_id=prediction.case_id, model_ref=ctx.model_ref,
             model_sha256=loaded.weights_sha256, label_convention=convention,

@@ -2,8 +2,9 @@
 
 One group of bars per (primary modality : region) pair, one bar per auxiliary modality, height =
 the complementary-information weight w (Eq. 16-17, computed by ciml_core.explain; the bars of a
-pair sum to 1). The chart redraws whenever the Explain widget publishes results in the viewer's
-session, follows napari's theme, and exports PNG and CSV (the CSV is
+pair sum to 1). The chart is :func:`ciml_core.figures.draw_weights_chart`, the one
+``ciml-core explain`` saves, in napari's theme. It redraws whenever the Explain widget publishes
+results in the viewer's session and exports PNG and CSV (the CSV is
 :func:`ciml_core.explain.weights_table`, the same rows ``ciml-core explain`` writes).
 """
 
@@ -13,26 +14,13 @@ import csv
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
-from matplotlib.patches import Patch
 from qtpy.QtWidgets import QFileDialog, QHBoxLayout, QLabel, QPushButton, QVBoxLayout
 
 from ciml_core.explain import weights_table
-from ciml_core.figures import pair_label
+from ciml_core.figures import draw_weights_chart
 from napari_ciml._widgets._common import CimlWidget, notify_error, notify_info
-
-#: Bar colour per auxiliary modality (stable across pairs and runs; readable on dark and light).
-MODALITY_COLORS = {
-    "flair": "#4c9be8", "t1": "#f5a142", "t1ce": "#e8504c", "t2": "#5cc27a",
-    "ct": "#b0b0b0", "pet": "#e8c84c", "primary": "#4c9be8", "auxiliary": "#e8504c",
-}
-_FALLBACK = ("#a07be0", "#42c8d4", "#d47fb4", "#9fb84a")
-
-
-def _color(modality: str, order: list[str]) -> str:
-    return MODALITY_COLORS.get(modality, _FALLBACK[order.index(modality) % len(_FALLBACK)])
 
 
 class WeightsWidget(CimlWidget):
@@ -87,46 +75,37 @@ class WeightsWidget(CimlWidget):
     def update_chart(self, explanations: list[Any], case_id: str | None = None) -> None:
         """Redraw: one bar group per pair, one bar per auxiliary modality."""
         self.explanations, self.case_id = list(explanations), case_id
+        self.hint.setVisible(not self.explanations)
+        if self.explanations:
+            draw_weights_chart(self.ax, self.explanations, title=(
+                f"{case_id}: complementary information weights" if case_id else None))
+        else:
+            self.ax.clear()
+            self.ax.set_ylim(0, 1)
+            self.ax.set_xticks([])
+        self._apply_theme()
+        self.canvas.draw_idle()
+
+    def _apply_theme(self) -> None:
+        """napari's colours and a dock's font sizes on the chart as drawn."""
         colors = self._theme()
         ax = self.ax
-        ax.clear()
         self.figure.set_facecolor(colors["background"])
         ax.set_facecolor(colors["panel"])
         for spine in ax.spines.values():
             spine.set_color(colors["text"])
         ax.tick_params(colors=colors["text"], labelsize=8)
-        ax.set_ylim(0, 1)
-        ax.set_ylabel("complementary weight w", color=colors["text"], fontsize=9)
         ax.yaxis.grid(True, color=colors["grid"], linewidth=0.5, alpha=0.6)
         ax.set_axisbelow(True)
-        self.hint.setVisible(not self.explanations)
-        if not self.explanations:
-            ax.set_xticks([])
-            self.canvas.draw_idle()
-            return
-        order = list(dict.fromkeys(a for e in self.explanations for a in e.auxiliary))
-        widest = max(len(e.auxiliary) for e in self.explanations)
-        width = 0.8 / widest
-        for g, e in enumerate(self.explanations):
-            k = len(e.auxiliary)
-            xs = g + (np.arange(k) - (k - 1) / 2) * width
-            heights = [e.weights[a] for a in e.auxiliary]
-            # one bar container per pair: ax.containers[g] is the pair's group
-            ax.bar(xs, heights, width * 0.92, label=e.name,
-                   color=[_color(a, order) for a in e.auxiliary], edgecolor=colors["background"])
-        ax.set_xticks(range(len(self.explanations)))
-        ax.set_xticklabels([pair_label(e) for e in self.explanations], rotation=0, fontsize=8)
-        ax.set_xlabel("pair (primary modality : region)", color=colors["text"], fontsize=9)
-        title = "Complementary-information weights"
-        ax.set_title(f"{title} — {case_id}" if case_id else title, color=colors["text"],
-                     fontsize=10)
-        handles = [Patch(color=_color(a, order), label=a.upper()) for a in order]
-        # beside the axes, so that no bar (w up to 1) hides under it
-        legend = ax.legend(handles=handles, title="auxiliary", fontsize=8, title_fontsize=8,
-                           loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-        for text in [*legend.get_texts(), legend.get_title()]:
+        ax.xaxis.label.set_fontsize(9)
+        ax.yaxis.label.set_fontsize(9)
+        ax.title.set_fontsize(10)
+        texts = [ax.title, ax.xaxis.label, ax.yaxis.label, *ax.texts]
+        legend = ax.get_legend()
+        if legend is not None:
+            texts += [*legend.get_texts(), legend.get_title()]
+        for text in texts:
             text.set_color(colors["text"])
-        self.canvas.draw_idle()
 
     def bar_groups(self) -> list[list[float]]:
         """The drawn bar heights, one list per pair (what the chart shows, for checks)."""
