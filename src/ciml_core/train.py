@@ -47,6 +47,7 @@ from ciml_core.data.patches import PatchDataset, PreparedCase, prepare_cases
 from ciml_core.data.splits import fold_cases, load_or_make_splits
 from ciml_core.errors import ConfigError, InputDataError
 from ciml_core.infer import InferenceSettings, sliding_window_predict
+from ciml_core.io import append_bytes, atomic_write_text
 from ciml_core.metrics import dice as dice_score
 from ciml_core.model import (
     CIMLLoss,
@@ -176,7 +177,7 @@ def _prepare_data(cfg: TrainConfig, ctx: DistContext) -> tuple:
         data = cfg.out / "phantoms"
         if ctx.is_main and not (data / "done").exists():
             write_phantom_dataset("brats", cfg.demo_cases, data, seed=1000, overwrite=True)
-            (data / "done").write_text("ok\n")
+            atomic_write_text(data / "done", "ok\n", overwrite=True)
         barrier(ctx)
     cases = discover_cases(data, cfg.layout)
     layout = cases[0].layout
@@ -438,7 +439,8 @@ def _setup(cfg: TrainConfig, ctx: DistContext) -> _Run:
         torch.backends.cudnn.benchmark = True
     if ctx.is_main:
         cfg.out.mkdir(parents=True, exist_ok=True)
-        (cfg.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        atomic_write_text(cfg.out / "train_config.json", json.dumps(cfg.to_dict(), indent=2) + "\n",
+                          overwrite=True)
 
     decomposition, convention, train_cases, val_cases, data_desc = _prepare_data(cfg, ctx)
     patch = (cfg.patch,) * 3
@@ -566,8 +568,7 @@ def _end_epoch(run: _Run, epoch: int, record: dict[str, Any],
         if record["val_mean_dice"] > run.best:
             run.best = record["val_mean_dice"]
             run.save("best", epoch + 1, 0)
-    with (cfg.out / "metrics.jsonl").open("a") as fh:
-        fh.write(json.dumps(record) + "\n")
+    append_bytes(cfg.out / "metrics.jsonl", (json.dumps(record) + "\n").encode())
     run.save("latest", epoch + 1, 0)
     notify("saved", epoch + 1, 0)
     remaining = ((cfg.epochs - epoch - 1) * (time.time() - run.t_start)
