@@ -360,7 +360,12 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     from ciml_core.data.labels import get_convention, labels_to_regions
     from ciml_core.data.layouts import discover_cases
     from ciml_core.explain import explain_case, parse_pairs, planned_paths, write_explanations
-    from ciml_core.figures import heatmap_grid_figure, save_figure, weights_chart_figure
+    from ciml_core.figures import (
+        METHOD_NAMES,
+        heatmap_grid_figure,
+        save_figure,
+        weights_chart_figure,
+    )
     from ciml_core.infer import input_warnings
     from ciml_core.io import check_output_dir, output_path, refuse_existing
 
@@ -381,7 +386,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     # Refuse before the (slow) Grad-CAM, not after it (each write refuses atomically too).
     refuse_existing([*planned_paths(loaded, case.case_id, pairs, out), grid_png, chart_png],
                     args.overwrite)
-    with tqdm(desc=f"{case.case_id} Grad-CAM", unit="pass") as bar:
+    with tqdm(desc=f"{case.case_id} {METHOD_NAMES[args.method]}", unit="pass") as bar:
 
         def tick(done: int, total: int) -> None:
             bar.total = total
@@ -695,7 +700,7 @@ def _add_evaluate(sub, parents: dict) -> None:
 
 
 def _add_explain(sub, parents: dict) -> None:
-    from ciml_core.explain import EXTENTS, METHODS, MODES, TARGET_MARGIN_MM
+    from ciml_core.explain import DEFAULT_METHOD, EXTENTS, METHODS, MODES, TARGET_MARGIN_MM
 
     p = sub.add_parser(
         "explain", parents=[parents["out"], parents["model"], parents["device"],
@@ -713,9 +718,10 @@ def _add_explain(sub, parents: dict) -> None:
     p.add_argument("--mode", default=MODES[0], choices=MODES,
                    help="roi: one patch-sized window centred on the predicted tumour (default, "
                    "fast); sliding: every sliding window, Gaussian-stitched")
-    p.add_argument("--method", default=METHODS[0], choices=METHODS,
-                   help="gradcam: the paper's mean-gradient alpha (default); hirescam: the "
-                   "gradient at each voxel times the activation there")
+    p.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS,
+                   help="hirescam: the gradient at each voxel times the activation there, heat "
+                   "where the target's gradient reaches; gradcam: the paper's mean-gradient "
+                   f"alpha (default {DEFAULT_METHOD}; docs/interpretability.md)")
     p.add_argument("--extent", default=EXTENTS[0], choices=EXTENTS,
                    help="target: heatmaps and weights count only heat within --margin of the "
                    "pair's predicted region (default); window: every voxel, as the paper")

@@ -69,6 +69,11 @@ MODES = ("roi", "sliding")
 #: "hirescam" (element-wise gradient x activation, Draelos & Carin 2020: heat only where the
 #: target's gradient reaches, i.e. each z_k's own first-order contribution to y^k).
 METHODS = ("gradcam", "hirescam")
+#: ``explain_case``'s method. HiResCAM, not the paper's Grad-CAM: on the demo its maps keep
+#: 0.95-0.99 of each pair's heat inside the dilated target at every window size (Grad-CAM
+#: 0.05-0.68, falling as the window grows), so its weights describe the target and do not depend
+#: on the window or the binding (docs/interpretability.md, "Window-size sensitivity").
+DEFAULT_METHOD = "hirescam"
 #: Where heat counts: "target" (the target dilated by ``margin_mm``; the default) or "window"
 #: (every voxel the maps cover, as the paper).
 EXTENTS = ("target", "window")
@@ -531,7 +536,7 @@ def explain_case(
     mode: str = "roi",
     progress: ProgressFn | None = None,
     prediction: np.ndarray | None = None,
-    method: str = "gradcam",
+    method: str = DEFAULT_METHOD,
     extent: str = "target",
     margin_mm: float = TARGET_MARGIN_MM,
     roi_size: int | None = None,
@@ -554,7 +559,7 @@ def explain_case(
             :class:`ciml_core.errors.Cancelled`) stops the run and propagates.
         prediction: per-region probabilities ``(R, *grid)`` already computed for this case
             (``CasePrediction.probabilities``); saves predicting again when no ``target_mask``.
-        method: :data:`METHODS`.
+        method: :data:`METHODS` (default :data:`DEFAULT_METHOD`; ``"gradcam"`` is the paper's).
         extent: "target": heatmaps and weights count only the heat inside the target dilated by
             ``margin_mm`` (what the pair's region is about); "window": all of it (the paper).
             ``inside_fraction`` is reported either way.
@@ -825,6 +830,7 @@ def write_explanations(
 
 __all__ = [
     "EXTENTS",
+    "DEFAULT_METHOD",
     "METHODS",
     "MODES",
     "PairExplanation",

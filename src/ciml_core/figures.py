@@ -33,6 +33,9 @@ HEAT_FLOOR = 0.05
 HEAT_ALPHA = 0.6
 AXIAL_AXIS = 2
 
+#: How the figures name the attribution methods of ``ciml_core.explain``.
+METHOD_NAMES = {"gradcam": "Grad-CAM", "hirescam": "HiResCAM"}
+
 
 def new_figure(width: float, height: float, dpi: int = 100) -> Figure:
     """A Figure with its own Agg canvas (no pyplot)."""
@@ -173,8 +176,9 @@ def heatmap_grid_figure(
     if mappable is not None:
         bar = fig.colorbar(mappable, ax=axes, shrink=0.6, pad=0.01)
         bar.set_label("heat (normalised per row)")
-    fig.suptitle(title or f"{case.case_id}: Grad-CAM of the complementary representations, "
-                 f"axial slice {z}", fontsize=11)
+    methods = sorted({METHOD_NAMES.get(e.method, e.method) for e in explanations})
+    fig.suptitle(title or f"{case.case_id}: {'/'.join(methods)} of the complementary "
+                 f"representations, axial slice {z}", fontsize=11)
     return fig
 
 
