@@ -267,6 +267,20 @@ def _discover_inputs(inputs: list[str]):
     return cases
 
 
+def _output_labels(args: argparse.Namespace, case_files, loaded) -> str:
+    """``--labels``, else the convention of the case's layout when it names the model's regions
+    (a BraTS 2023 case gets ET = 3, a BraTS 2020 one ET = 4), else the model's own."""
+    from ciml_core.data.labels import get_convention
+    from ciml_core.data.layouts import DEFAULT_LABEL_CONVENTION
+
+    if args.labels:
+        return args.labels
+    layout = DEFAULT_LABEL_CONVENTION.get(case_files.layout)
+    if layout and set(get_convention(layout).region_names) == set(loaded.regions):
+        return layout
+    return loaded.info.label_convention
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
@@ -314,7 +328,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                 bar.total = total
                 bar.update(done - bar.n)
 
-            prediction = predict_case(loaded, case, settings, progress=tick)
+            prediction = predict_case(loaded, case, settings, progress=tick,
+                                      label_convention=_output_labels(args, case_files, loaded))
             bar.close()
             written += write_prediction(prediction, case, out, probabilities=args.probabilities,
                                         overwrite=args.overwrite)
@@ -670,10 +685,13 @@ def _add_predict(sub, parents: dict) -> None:
         description="INPUT is a case folder, a dataset root (every case), a manifest, or the "
         "image files of one case (MOD=PATH pairs, or paths whose names end in the modality, "
         "e.g. *_flair.nii.gz or *-t2f.nii.gz, in any order). "
-        "Writes <case>.nii.gz (uint8 labels in the dataset's convention) with the input's "
-        "affine and header.",
+        "Writes <case>.nii.gz (uint8 labels in the dataset's convention, or --labels) with the "
+        "input's affine and header.",
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT")
+    p.add_argument("--labels", choices=_label_choices(),
+                   help="label convention of the written labels (default: the dataset layout's "
+                   "when it has the model's regions, e.g. BraTS 2023 ET = 3, else the model's)")
     p.add_argument("--probabilities", action="store_true",
                    help="also write <case>_prob_<region>.nii.gz")
     p.add_argument("--case-id", help="case name when INPUT is a list of files (default: the "

@@ -199,6 +199,18 @@ class CasePrediction:
     regions: tuple[str, ...]
 
 
+def output_convention(loaded: LoadedModel, name: str | None = None):
+    """The :class:`~ciml_core.data.labels.LabelConvention` to write ``loaded``'s predictions in:
+    ``name``, or the model's own; a convention whose regions are not the model's is refused."""
+    conv = get_convention(name or loaded.info.label_convention)
+    if set(conv.region_names) != set(loaded.regions):
+        raise ConfigError(
+            f"label convention {conv.name!r} has the regions {list(conv.region_names)}, the model "
+            f"{loaded.path} predicts {list(loaded.regions)}; choose a convention with the "
+            f"model's regions (e.g. {loaded.info.label_convention!r})")
+    return conv
+
+
 def predict_case(
     loaded: LoadedModel,
     case: LoadedCase,
@@ -206,9 +218,15 @@ def predict_case(
     *,
     progress: ProgressFn | None = None,
     nesting: str = "union",
+    label_convention: str | None = None,
 ) -> CasePrediction:
     """Preprocess, predict, threshold, nest (ET in TC in WT, by ``nesting``: see
-    :func:`~ciml_core.model.probabilities_to_region_masks`), map to labels and un-crop one case."""
+    :func:`~ciml_core.model.probabilities_to_region_masks`), map to labels and un-crop one case.
+
+    ``label_convention``: the labels to write (e.g. the dataset's: BraTS 2023 paints ET as 3,
+    BraTS 2020 as 4); None: the convention the model was trained with. It must name the
+    model's regions (:func:`output_convention`)."""
+    conv = output_convention(loaded, label_convention)
     if tuple(case.modalities) != tuple(loaded.modalities):
         raise InputDataError(
             f"case {case.case_id}: the model {loaded.path} expects modalities "
@@ -220,7 +238,6 @@ def predict_case(
                                    progress=progress)
     masks = probabilities_to_region_masks(torch.from_numpy(probs)[None], loaded.regions,
                                           nesting=nesting)[0].numpy()
-    conv = get_convention(loaded.info.label_convention)
     order = [loaded.regions.index(r) for r in conv.region_names]
     label = regions_to_labels(masks[order], conv)
     return CasePrediction(
