@@ -52,3 +52,22 @@ def test_viewer_opens_case_with_plugin(make_napari_viewer, tmp_path, write_case)
     viewer.open(str(single), plugin="napari-ciml")
     assert viewer.layers["single_t2"].data.shape == (4, 5, 6)
     assert nib.load(single).shape == (4, 5, 6)
+
+
+@pytest.mark.parametrize("layout", ["brats2020", "brats2023"])
+def test_images_carry_the_datasets_label_convention_for_segment(tmp_path, write_case, layout):
+    """The Segment widget paints in the dataset's convention (BraTS 2023: ET = 3), which the
+    reader puts on every image layer of a case; one without the model's regions is ignored."""
+    from ciml_core.checkpoint import describe
+    from napari_ciml._widgets.segment import dataset_labels
+
+    write_case(tmp_path, layout, "C1")
+    (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    layers = napari_get_reader(str(folder))(str(folder))
+    conventions = {meta["metadata"].get("label_convention") for _, meta, kind in layers
+                   if kind == "image"}
+    assert conventions == {layout}
+    demo = describe("demo")  # regions WT, TC, ET
+    assert dataset_labels(layout, demo) == layout
+    assert dataset_labels("binary", demo) is None
+    assert dataset_labels(None, demo) is None

@@ -73,8 +73,9 @@ def read_path(path: str | Path) -> list[LayerData]:
     for case in discover_cases(path):
         convention = DEFAULT_LABEL_CONVENTION[case.layout]
         for modality, file in case.images.items():
+            # the dataset's label convention rides with the images: Segment paints in it
             layers.append(_image_layer(load_volume(file), modality, modality=modality,
-                                       case_id=case.case_id))
+                                       case_id=case.case_id, label_convention=convention))
         if case.label is not None:
             layers.append(_label_layer(load_volume(case.label), f"{case.case_id} label",
                                        case_id=case.case_id, label_convention=convention))

@@ -74,6 +74,18 @@ class _RunContext:
     probabilities: bool
     keep_previous: bool
     started: float
+    label_convention: str | None  # the dataset's (from the reader), None: the model's
+
+
+def dataset_labels(convention: str | None, summary) -> str | None:
+    """The convention to paint a prediction in: the dataset's (what the reader found, e.g.
+    BraTS 2023), when it names the model's regions; None (the model's own) otherwise."""
+    from ciml_core.data.labels import LABEL_CONVENTIONS
+
+    if convention not in LABEL_CONVENTIONS or summary is None:
+        return None
+    regions = set(summary.config.decomposition.regions)
+    return convention if set(LABEL_CONVENTIONS[convention].region_names) == regions else None
 
 
 class SegmentWidget(JobWidget):
@@ -234,16 +246,19 @@ class SegmentWidget(JobWidget):
             notify_error(err)
             return None
         first = self.viewer.layers[mapping[self.modalities[0]]]
+        labels = dataset_labels(first.metadata.get("label_convention"), self._summary)
         self._context = _RunContext(
             case=case, source=case.reference, scale=tuple(first.scale),
             translate=tuple(first.translate), mapping={m: str(n) for m, n in mapping.items()},
             model_ref=self.session.model_ref, probabilities=self.prob_check.isChecked(),
             keep_previous=self.keep_check.isChecked(), started=time.perf_counter(),
+            label_convention=labels,
         )
         self.status_label.setText(f"Segmenting {case.case_id} on {device}…")
 
         def work(loaded, progress) -> tuple[Any, CasePrediction]:
-            return loaded, predict_case(loaded, case, settings, progress=progress)
+            return loaded, predict_case(loaded, case, settings, progress=progress,
+                                        label_convention=labels)
 
         return self._launch_model_job(work, what=f"case {case.case_id}: segmentation")
 
@@ -266,7 +281,7 @@ class SegmentWidget(JobWidget):
         loaded, prediction = result
         self._result = result
         ctx = self._context
-        convention = loaded.info.label_convention
+        convention = ctx.label_convention or loaded.info.label_convention
         case_id = prediction.case_id
         common = {
             "nifti_source": ctx.source, "source_path": str(ctx.source.path),
