@@ -20,6 +20,7 @@ from ciml_core.data.layouts import discover_cases
 from ciml_core.data.phantoms import write_phantom_dataset
 from ciml_core.explain import explain_case
 from ciml_core.infer import InferenceSettings, predict_case
+from ciml_core.runtime import torch_threads
 
 pytestmark = pytest.mark.slow
 CPU = InferenceSettings(device="cpu")
@@ -55,24 +56,12 @@ def outputs(tmp_path_factory):
     write_phantom_dataset("brats", 1, root, seed=5003)
     (files,) = discover_cases(root)
     case = load_case(files, loaded.modalities)
-    with _threads(1):
+    with torch_threads(1):
         prediction = predict_case(loaded, case, CPU)
         # Grad-CAM: the method these values were stored with.
         explanations = explain_case(loaded, case, "T1:TC,T1CE:ET", CPU, method="gradcam",
                                     prediction=prediction.probabilities)
     return prediction, {e.name: e for e in explanations}
-
-
-class _threads:
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __enter__(self) -> None:
-        self.before = torch.get_num_threads()
-        torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc: object) -> None:
-        torch.set_num_threads(self.before)
 
 
 def test_predict_labels_and_probabilities_unchanged(outputs):

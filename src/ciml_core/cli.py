@@ -270,15 +270,13 @@ def _discover_inputs(inputs: list[str]):
 def _output_labels(args: argparse.Namespace, case_files, loaded) -> str:
     """``--labels``, else the convention of the case's layout when it names the model's regions
     (a BraTS 2023 case gets ET = 3, a BraTS 2020 one ET = 4), else the model's own."""
-    from ciml_core.data.labels import get_convention
     from ciml_core.data.layouts import DEFAULT_LABEL_CONVENTION
+    from ciml_core.infer import fitting_convention
 
     if args.labels:
         return args.labels
-    layout = DEFAULT_LABEL_CONVENTION.get(case_files.layout)
-    if layout and set(get_convention(layout).region_names) == set(loaded.regions):
-        return layout
-    return loaded.info.label_convention
+    return (fitting_convention(DEFAULT_LABEL_CONVENTION.get(case_files.layout), loaded.regions)
+            or loaded.info.label_convention)
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:

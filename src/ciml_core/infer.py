@@ -22,7 +22,7 @@ from monai.inferers import sliding_window_inference
 
 from ciml_core.checkpoint import LoadedModel
 from ciml_core.data.dataset import LoadedCase
-from ciml_core.data.labels import get_convention, regions_to_labels
+from ciml_core.data.labels import LABEL_CONVENTIONS, get_convention, regions_to_labels
 from ciml_core.data.nifti import write_like
 from ciml_core.data.preprocess import nonzero_bbox, preprocess_image, uncrop
 from ciml_core.errors import ConfigError, InputDataError
@@ -199,11 +199,18 @@ class CasePrediction:
     regions: tuple[str, ...]
 
 
+def fitting_convention(name: str | None, regions: Sequence[str]) -> str | None:
+    """``name`` when it is a known label convention whose regions are exactly ``regions`` (a
+    dataset's convention a model can paint in), else None."""
+    conv = LABEL_CONVENTIONS.get(name) if name else None
+    return name if conv is not None and set(conv.region_names) == set(regions) else None
+
+
 def output_convention(loaded: LoadedModel, name: str | None = None):
     """The :class:`~ciml_core.data.labels.LabelConvention` to write ``loaded``'s predictions in:
     ``name``, or the model's own; a convention whose regions are not the model's is refused."""
     conv = get_convention(name or loaded.info.label_convention)
-    if set(conv.region_names) != set(loaded.regions):
+    if fitting_convention(conv.name, loaded.regions) is None:
         raise ConfigError(
             f"label convention {conv.name!r} has the regions {list(conv.region_names)}, the model "
             f"{loaded.path} predicts {list(loaded.regions)}; choose a convention with the "

@@ -34,7 +34,7 @@ from qtpy.QtWidgets import (
 from ciml_core.checkpoint import CheckpointSummary, describe, resolve_checkpoint
 from ciml_core.data.dataset import LoadedCase
 from ciml_core.data.nifti import NiftiSource
-from ciml_core.infer import CasePrediction, InferenceSettings, predict_case
+from ciml_core.infer import CasePrediction, InferenceSettings, fitting_convention, predict_case
 from ciml_core.runtime import resolve_device
 from napari_ciml._layers import (
     REGION_KEY,
@@ -80,12 +80,9 @@ class _RunContext:
 def dataset_labels(convention: str | None, summary) -> str | None:
     """The convention to paint a prediction in: the dataset's (what the reader found, e.g.
     BraTS 2023), when it names the model's regions; None (the model's own) otherwise."""
-    from ciml_core.data.labels import LABEL_CONVENTIONS
-
-    if convention not in LABEL_CONVENTIONS or summary is None:
+    if summary is None:
         return None
-    regions = set(summary.config.decomposition.regions)
-    return convention if set(LABEL_CONVENTIONS[convention].region_names) == regions else None
+    return fitting_convention(convention, summary.config.decomposition.regions)
 
 
 class SegmentWidget(JobWidget):
