@@ -34,12 +34,14 @@ from ciml_core.data.nifti import atomic_save, nifti_image
 from ciml_core.errors import ConfigError
 from ciml_core.io import refuse_existing
 
-KINDS = ("brats", "shapes", "petct")
+KINDS = ("brats", "shapes", "petct", "brain")
 BRATS_MODALITIES = ("flair", "t1", "t1ce", "t2")
 
 #: Default and smallest accepted grids per kind (voxels, X Y Z).
-DEFAULT_SHAPES = {"brats": (96, 96, 64), "shapes": (64, 64, 1), "petct": (96, 96, 96)}
-MIN_SHAPES = {"brats": (32, 32, 24), "shapes": (16, 16, 1), "petct": (32, 32, 32)}
+DEFAULT_SHAPES = {"brats": (96, 96, 64), "shapes": (64, 64, 1), "petct": (96, 96, 96),
+                  "brain": (240, 240, 155)}  # brain: ciml_core.data.brain_phantoms (SRI24 atlas)
+MIN_SHAPES = {"brats": (32, 32, 24), "shapes": (16, 16, 1), "petct": (32, 32, 32),
+              "brain": (48, 48, 32)}
 
 #: BraTS 2020 label values.
 NCR, ED, ET = 1, 2, 4
@@ -612,10 +614,11 @@ def make_petct_phantom(seed: int, shape: Sequence[int] = DEFAULT_SHAPES["petct"]
 
 
 #: Case folder name per kind: ``<prefix>_<seed:05d>``.
-CASE_ID_PREFIX = {"brats": "Phantom", "shapes": "Shapes", "petct": "PETCT"}
+CASE_ID_PREFIX = {"brats": "Phantom", "shapes": "Shapes", "petct": "PETCT", "brain": "Brain"}
 #: File written per array of a case ("seg" is the label), per kind; ``{id}`` is the case id.
 LAYOUTS = {
     "brats": {m: f"{{id}}_{m}.nii.gz" for m in (*BRATS_MODALITIES, "seg")},
+    "brain": {m: f"{{id}}_{m}.nii.gz" for m in (*BRATS_MODALITIES, "seg")},
     "shapes": {m: f"{{id}}_{m}.nii.gz" for m in ("primary", "auxiliary", "seg")},
     "petct": {"ct": "CTres.nii.gz", "pet": "SUV.nii.gz", "seg": "SEG.nii.gz"},  # autoPET names
 }
@@ -630,6 +633,10 @@ def _make_case(kind: str, seed: int, shape: tuple[int, int, int]) -> PhantomCase
         return make_brats_phantom(seed, shape)
     if kind == "petct":
         return make_petct_phantom(seed, shape)
+    if kind == "brain":  # imported here: brain_phantoms imports this module
+        from ciml_core.data.brain_phantoms import make_brain_phantom
+
+        return make_brain_phantom(seed, shape)
     primary, auxiliary, target = make_shape_composition(seed, shape[:2])
 
     def thin_volume(a: np.ndarray) -> np.ndarray:  # the same 2-D pair on each of the Z slices
