@@ -165,7 +165,7 @@ def posthoc_scores(out: Path, cfg: TrainConfig, train_dir: Path,
     """Mean Dice/HD95 of the final model under each nesting rule, with and without batch-norm
     statistics recomputed (z = mu) on training patches: settings that need no retraining.
     Also returns the per-case scores of the saved model with union nesting."""
-    from ciml_core.data.patches import prepare_cases
+    from ciml_core.data.cache import PreprocessSettings, prepare_cases
     from ciml_core.model import recalibrate_batch_norm
     from ciml_core.train import foreground_region_weights, recalibration_batches
 
@@ -173,8 +173,8 @@ def posthoc_scores(out: Path, cfg: TrainConfig, train_dir: Path,
     for recal in (False, True):
         loaded = load_checkpoint(out / "best")
         if recal:
-            cases = prepare_cases(discover_cases(train_dir), loaded.modalities, loaded.regions,
-                                  "brats2020", out / "cache")
+            cases, _ = prepare_cases(discover_cases(train_dir), PreprocessSettings(
+                loaded.modalities, loaded.regions, "brats2020"), out / "cache")
             recalibrate_batch_norm(loaded.model, recalibration_batches(
                 cfg, cases, torch.device("cpu"), RECALIBRATION_BATCHES,
                 foreground_region_weights(cfg, loaded.regions)))

@@ -69,6 +69,22 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+def run_torchrun(args: list[str], port: int, timeout: float = 300):
+    """``python -m torch.distributed.run --nproc_per_node 2 ARGS`` on the CPU (one OpenMP thread
+    per rank); asserts exit status 0 with the tail of its output. Returns the CompletedProcess."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_port", str(port), *args],
+        capture_output=True, text=True, timeout=timeout, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
 def pytest_collection_modifyitems(config, items):
     """Skip tests marked ``gpu`` when this machine has no CUDA device, saying so."""
     import torch

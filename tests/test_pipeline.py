@@ -3,7 +3,6 @@ DDP with two gloo processes, and the bad inputs predict must refuse."""
 
 import csv
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from safetensors.torch import load_file
 
 from ciml_core.cli import main
 from ciml_core.model import ModelConfig, TaskDecomposition, build_model
+from conftest import run_torchrun
 
 TINY = ["--epochs", "2", "--iters-per-epoch", "2", "--patch", "32", "--width", "2",
         "--batch", "1", "--workers", "0", "--device", "cpu"]
@@ -189,12 +189,7 @@ def test_resume_after_interrupt_reaches_same_epochs(phantoms, tmp_path):
 def test_ddp_two_gloo_processes_end_with_identical_weights(phantoms, tmp_path):
     run = tmp_path / "ddp"
     script = Path(__file__).parent / "helpers" / "ddp_train.py"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--master_port", "29517", str(script), str(phantoms), str(run)],
-        capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    run_torchrun([str(script), str(phantoms), str(run)], port=29517)
     rank0, rank1 = (load_file(str(run / f"rank{r}.safetensors")) for r in (0, 1))
     assert rank0.keys() == rank1.keys() and len(rank0) > 100
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
@@ -209,13 +204,8 @@ def test_ddp_two_gloo_processes_end_with_identical_weights(phantoms, tmp_path):
 
 def test_predict_under_torchrun_shards_cases(trained_run, phantoms, tmp_path):
     out = tmp_path / "pred"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--master_port", "29518", "-m", "ciml_core.cli", "predict", str(phantoms), "--out",
-         str(out), "--model", str(trained_run / "best"), "--device", "cpu"],
-        capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    result = run_torchrun(["-m", "ciml_core.cli", "predict", str(phantoms), "--out", str(out),
+                           "--model", str(trained_run / "best"), "--device", "cpu"], port=29518)
     assert sorted(p.name for p in out.iterdir()) == [f"Phantom_{i:05d}.nii.gz" for i in range(7, 11)]
     # each rank reported its own share: two "wrote 2 file(s)" lines
     assert result.stdout.count("wrote 2 file(s)") == 2

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from ciml_core.data.patches import PatchDataset, PreparedCase
+from ciml_core.data.cache import PreparedCase
+from ciml_core.data.patches import PatchDataset
 from ciml_core.errors import ConfigError
 from ciml_core.model import ModelConfig, build_model, recalibrate_batch_norm
 from ciml_core.model.cig import ComplementaryInformationGate
@@ -83,9 +84,10 @@ def test_region_weights_steer_the_foreground_patch_centres(tmp_path):
     regions[1, 15:25] = 1
     regions[2, 30:] = 1
     coords = {f"fg{i}": np.argwhere(regions[i]).astype(np.int32) for i in range(3)}
-    path = tmp_path / "case.npz"
-    np.savez(path, image=np.zeros((4, 40, 40, 40), np.float32), regions=regions, **coords)
-    case = PreparedCase("case", path)
+    np.save(tmp_path / "image.npy", np.zeros((4, 40, 40, 40), np.float32))
+    np.save(tmp_path / "regions.npy", regions)
+    np.savez(tmp_path / "foreground.npz", **coords)
+    case = PreparedCase("case", tmp_path)
 
     def centres(weights):
         ds = PatchDataset([case], (8, 8, 8), length=600, foreground_fraction=1.0,

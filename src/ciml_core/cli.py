@@ -668,6 +668,8 @@ def _add_train(sub, parents: dict) -> None:
     p.add_argument("--seed", type=nonnegative_int)
     p.add_argument("--val-every", type=positive_int, help="validate every N epochs")
     p.add_argument("--workers", type=nonnegative_int, help="DataLoader worker processes")
+    p.add_argument("--preprocess-workers", type=positive_int,
+                   help="processes that build the preprocessed cache (default 1)")
     p.add_argument("--no-augment", action="store_true", help="turn the augmentations off")
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
     _add_training_additions(p)

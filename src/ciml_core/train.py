@@ -5,7 +5,7 @@ Run layout (``--out RUN``)::
 
     RUN/train_config.json   the settings of this run (what --resume continues)
     RUN/splits.json         5-fold cross-validation split
-    RUN/cache/              preprocessed cases (.npz)
+    RUN/cache/<key>/        preprocessed cases, memory-mappable (ciml_core.data.cache)
     RUN/metrics.jsonl       one line per epoch: losses, learning rate, validation Dice
     RUN/latest/             checkpoint + training_state.pt, written every epoch and on Ctrl-C
     RUN/best/               checkpoint with the best mean validation Dice
@@ -42,8 +42,15 @@ from ciml_core.checkpoint import (
     save_checkpoint,
 )
 from ciml_core.data.augment import nnunet_augmentations
+from ciml_core.data.cache import (
+    CacheReport,
+    PreparedCase,
+    PreprocessSettings,
+    prepare_cases,
+    wait_for_cases,
+)
 from ciml_core.data.layouts import DEFAULT_LABEL_CONVENTION, discover_cases
-from ciml_core.data.patches import PatchDataset, PreparedCase, prepare_cases
+from ciml_core.data.patches import PatchDataset
 from ciml_core.data.splits import fold_cases, load_or_make_splits
 from ciml_core.errors import ConfigError, InputDataError
 from ciml_core.infer import InferenceSettings, sliding_window_predict
@@ -58,7 +65,7 @@ from ciml_core.model import (
 )
 from ciml_core.model import probabilities_to_region_masks as to_masks
 from ciml_core.model.config import GATE_SWITCHES, check_spatial_size
-from ciml_core.runtime import DistContext, barrier, cleanup, setup_distributed
+from ciml_core.runtime import DistContext, barrier, cleanup, setup_distributed, shard
 
 #: Settings that define the schedule; --resume refuses to change them.
 SCHEDULE_KEYS = ("epochs", "iters_per_epoch", "patch", "batch", "width", "variant", "beta",
@@ -101,6 +108,7 @@ class TrainConfig:
     seed: int = 0
     val_every: int = 5
     workers: int = 2
+    preprocess_workers: int = 1  # processes that build the preprocessed cache
     augment: bool = True
     compile: bool = False
     demo_cases: int = 16
@@ -189,18 +197,16 @@ def _prepare_data(cfg: TrainConfig, ctx: DistContext) -> tuple:
     splits = load_or_make_splits(cfg.out / "splits.json", [c.case_id for c in cases])
     train_ids, val_ids = fold_cases(splits, cfg.fold)
     by_id = {c.case_id: c for c in cases}
-    prepared: dict[str, PreparedCase] = {}
-    if ctx.is_main:  # one process preprocesses, the others read the cache
-        prepared = {p.case_id: p for p in prepare_cases(
-            list(by_id.values()), decomposition.modalities, decomposition.regions, convention,
-            cfg.out / "cache", progress=True)}
-    barrier(ctx)
-    if not ctx.is_main:
-        prepared = {p.case_id: p for p in prepare_cases(
-            list(by_id.values()), decomposition.modalities, decomposition.regions, convention,
-            cfg.out / "cache")}
+    settings = PreprocessSettings(decomposition.modalities, decomposition.regions, convention)
+    if ctx.is_main:  # one process preprocesses; the others poll for its completion marker
+        cases_prepared, report = prepare_cases(list(by_id.values()), settings, cfg.out / "cache",
+                                               workers=cfg.preprocess_workers, progress=True)
+    else:
+        cases_prepared = wait_for_cases(list(by_id), settings, cfg.out / "cache")
+        report = None
+    prepared = {p.case_id: p for p in cases_prepared}
     return (decomposition, convention, [prepared[i] for i in train_ids],
-            [prepared[i] for i in val_ids], str(data))
+            [prepared[i] for i in val_ids], str(data), report)
 
 
 def foreground_region_weights(cfg: TrainConfig, regions: tuple[str, ...]) -> list[float] | None:
@@ -230,20 +236,35 @@ def recalibration_batches(cfg: TrainConfig, cases: list[PreparedCase], device: t
 
 
 def validate(loaded: LoadedModel, cases: list[PreparedCase],
-             settings: InferenceSettings | None = None) -> dict[str, float]:
-    """Mean Dice per region over whole validation cases (sliding window, as ``predict``)."""
-    scores: dict[str, list[float]] = {r: [] for r in loaded.regions}
-    for case in cases:
-        image, regions, _ = case.load()
+             settings: InferenceSettings | None = None,
+             ctx: DistContext | None = None) -> dict[str, float]:
+    """Mean Dice per region over whole validation cases (sliding window, as ``predict``).
+
+    Under torchrun (``ctx`` with several ranks) each rank scores its share of the cases
+    (:func:`~ciml_core.runtime.shard`) and every rank gets the mean over all of them."""
+    distributed = ctx is not None and ctx.enabled
+    if distributed:
+        # DDP broadcasts buffers at the start of a forward, so after the last step each rank
+        # holds the batch-norm statistics of its own batch: score with rank 0's (what is saved).
+        for buffer in loaded.model.buffers():
+            torch.distributed.broadcast(buffer, src=0)
+    mine = shard(cases, ctx) if distributed else cases
+    per_case: list[dict[str, float]] = []
+    for case in mine:
+        image, regions, _ = case.load(mmap=False)  # the whole case is read anyway
         probs = sliding_window_predict(loaded.model, image, loaded.config.patch_size, settings)
         masks = to_masks(torch.from_numpy(probs)[None], loaded.regions)[0].numpy()
-        for i, region in enumerate(loaded.regions):
-            scores[region].append(dice_score(masks[i], regions[i] > 0))
-    return {r: float(np.mean(v)) for r, v in scores.items()}
+        per_case.append({region: dice_score(masks[i], regions[i] > 0)
+                         for i, region in enumerate(loaded.regions)})
+    if distributed:
+        gathered: list[list[dict[str, float]]] = [[] for _ in range(ctx.world_size)]
+        torch.distributed.all_gather_object(gathered, per_case)
+        per_case = [score for part in gathered for score in part]
+    return {r: float(np.mean([score[r] for score in per_case])) for r in loaded.regions}
 
 
 #: Settings a resumed run may change: where and how fast it runs, not what it computes.
-RESUMABLE_CHANGES = ("device", "workers")
+RESUMABLE_CHANGES = ("device", "workers", "preprocess_workers")
 
 
 def _stored_config(out: Path) -> dict[str, Any]:
@@ -327,6 +348,7 @@ class TrainResult:
     run_dir: Path
     model: torch.nn.Module  # the trained network (this rank's copy)
     epochs_completed: int
+    cache_report: CacheReport | None = None  # what this rank preprocessed (None: it waited)
 
 
 def train(cfg: TrainConfig, *, hook: Callable[[str, int, int], None] | None = None) -> TrainResult:
@@ -410,6 +432,7 @@ class _Run:
     start_epoch: int = 0
     start_step: int = 0  # optimiser steps already done in ``start_epoch`` (mid-epoch resume)
     best: float = -math.inf
+    cache_report: CacheReport | None = None  # what this rank preprocessed (None: it waited)
     t_start: float = field(default_factory=time.time)
 
     def save(self, name: str, epoch: int, step: int) -> None:
@@ -429,7 +452,8 @@ class _Run:
 
     def validate(self) -> dict[str, float]:
         loaded = LoadedModel(self.model, self.model_config, self.info, self.cfg.out, "")
-        return validate(loaded, self.val_cases, InferenceSettings(device=self.ctx.device))
+        return validate(loaded, self.val_cases, InferenceSettings(device=self.ctx.device),
+                        self.ctx)
 
 
 def _setup(cfg: TrainConfig, ctx: DistContext) -> _Run:
@@ -442,7 +466,7 @@ def _setup(cfg: TrainConfig, ctx: DistContext) -> _Run:
         atomic_write_text(cfg.out / "train_config.json", json.dumps(cfg.to_dict(), indent=2) + "\n",
                           overwrite=True)
 
-    decomposition, convention, train_cases, val_cases, data_desc = _prepare_data(cfg, ctx)
+    decomposition, convention, train_cases, val_cases, data_desc, report = _prepare_data(cfg, ctx)
     patch = (cfg.patch,) * 3
     dataset = PatchDataset(
         train_cases, patch, length=cfg.iters_per_epoch * cfg.batch * ctx.world_size,
@@ -478,7 +502,8 @@ def _setup(cfg: TrainConfig, ctx: DistContext) -> _Run:
                                     "val_cases": [c.case_id for c in val_cases],
                                     "world_size": ctx.world_size})
     return _Run(cfg, ctx, decomposition, train_cases, val_cases, dataset, model, net,
-                model_config, loss_fn, optimizer, scheduler, info, start_epoch, start_step, best)
+                model_config, loss_fn, optimizer, scheduler, info, start_epoch, start_step, best,
+                cache_report=report)
 
 
 def _stop_requested(run: _Run, stop: StopRequest) -> bool:
@@ -556,18 +581,22 @@ def _train_epoch(run: _Run, epoch: int, stop: StopRequest, notify: Callable[[str
 
 def _end_epoch(run: _Run, epoch: int, record: dict[str, Any],
                notify: Callable[[str, int, int], None]) -> None:
-    """Rank 0: validate when due (keeping ``best``), log the epoch and save ``latest``."""
+    """Every rank: validate when due (each rank its share of the cases); rank 0: keep ``best``,
+    log the epoch and save ``latest``."""
     cfg = run.cfg
     if run.val_cases and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
         notify("validate", epoch, cfg.iters_per_epoch)
-        run.recalibrate()
+        run.recalibrate()  # the same batches on every rank: the same statistics
         val = run.validate()
         record["val_dice"] = val
         record["val_mean_dice"] = float(np.mean(list(val.values())))
         run.info.metrics = {"val_dice": val, "epoch": epoch + 1}
         if record["val_mean_dice"] > run.best:
             run.best = record["val_mean_dice"]
-            run.save("best", epoch + 1, 0)
+            if run.ctx.is_main:
+                run.save("best", epoch + 1, 0)
+    if not run.ctx.is_main:
+        return
     append_bytes(cfg.out / "metrics.jsonl", (json.dumps(record) + "\n").encode())
     run.save("latest", epoch + 1, 0)
     notify("saved", epoch + 1, 0)
@@ -588,8 +617,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, stop: StopRequest,
     for epoch in range(run.start_epoch, cfg.epochs):
         record = _train_epoch(run, epoch, stop, notify)
         run.scheduler.step()
-        if ctx.is_main:
-            _end_epoch(run, epoch, record, notify)
+        _end_epoch(run, epoch, record, notify)
         barrier(ctx)
         if epoch + 1 < cfg.epochs and _stop_requested(run, stop):  # latest holds this epoch
             tqdm.write(f"interrupted after epoch {epoch + 1}: {cfg.out / 'latest'} saved; "
@@ -598,7 +626,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, stop: StopRequest,
     if ctx.is_main and not run.val_cases:  # fold -1: the final model is the best we have
         run.recalibrate()
         run.save("best", cfg.epochs, 0)
-    return TrainResult(cfg.out, run.model, cfg.epochs)
+    return TrainResult(cfg.out, run.model, cfg.epochs, run.cache_report)
 
 
 def train_environment() -> dict[str, str]:

@@ -1,93 +1,25 @@
-"""Training patches: cases preprocessed once to a cache, then random patches drawn from them.
+"""Training patches: random patches drawn from the preprocessed cases of the cache
+(:mod:`ciml_core.data.cache`).
 
-``prepare_cases`` crops and normalises each case (nnU-Net style) and stores ``<case>.npz`` in
-the run's cache with a sample of foreground voxel coordinates per region, so workers only
-memory-load arrays. :class:`PatchDataset` draws ``length`` patches per epoch; a third (by
-default) are centred on a foreground voxel of a randomly chosen region (nnU-Net's
-oversampling; regions drawn uniformly or by ``region_weights``), the rest anywhere in the volume. Each patch's randomness is seeded by
+:class:`PatchDataset` draws ``length`` patches per epoch; a third (by default) are centred on
+a foreground voxel of a randomly chosen region (nnU-Net's oversampling; regions drawn uniformly or
+by ``region_weights``), the rest anywhere in the volume. Each patch's randomness is seeded by
 (seed, epoch, index), so runs and resumes are reproducible and DDP ranks draw different patches.
+The cases are memory-mapped and at most ``open_cases`` maps are kept open per process (an LRU),
+so a loader worker's memory does not grow with the size of the dataset.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
-from functools import partial
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ciml_core.data.dataset import load_case
-from ciml_core.data.labels import get_convention, labels_to_regions
-from ciml_core.data.layouts import CaseFiles
-from ciml_core.data.preprocess import crop, preprocess_image
+from ciml_core.data.cache import PreparedCase
 from ciml_core.errors import ConfigError
-from ciml_core.io import atomic_write, make_dirs
-
-MAX_FOREGROUND_SAMPLES = 10_000
-
-
-@dataclass(frozen=True)
-class PreparedCase:
-    """A cached, preprocessed case: ``image`` (M, *box) float32, ``regions`` (R, *box) uint8."""
-
-    case_id: str
-    path: Path
-
-    def load(self) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-        with np.load(self.path) as data:
-            image, regions = data["image"], data["regions"]
-            coords = [data[f"fg{i}"] for i in range(regions.shape[0])]
-        return image, regions, coords
-
-
-def region_targets(label: np.ndarray, convention: str, regions: Sequence[str]) -> np.ndarray:
-    """Label volume -> ``(R, ...)`` uint8 masks in the *model's* region order."""
-    conv = get_convention(convention)
-    missing = [r for r in regions if r not in conv.region_names]
-    if missing:
-        raise ConfigError(f"regions {missing} are not defined by label convention {conv.name!r} "
-                          f"(it defines {list(conv.region_names)})")
-    masks = labels_to_regions(label, conv)
-    return masks[[conv.region_names.index(r) for r in regions]].astype(np.uint8)
-
-
-def prepare_cases(
-    cases: Sequence[CaseFiles],
-    modalities: Sequence[str],
-    regions: Sequence[str],
-    convention: str,
-    cache_dir: Path,
-    *,
-    pet_method: str = "log",
-    progress: bool = False,
-) -> list[PreparedCase]:
-    """Preprocess each labelled case once into ``cache_dir/<case>.npz`` (reused when present)."""
-    from tqdm.auto import tqdm
-
-    make_dirs(cache_dir)
-    prepared = []
-    for case in tqdm(cases, desc="preprocess", unit="case", disable=not progress):
-        path = cache_dir / f"{case.case_id}.npz"
-        if not path.is_file():
-            loaded = load_case(case, modalities, label_convention=convention, require_label=True)
-            pre = preprocess_image(loaded.image, modalities, pet_method=pet_method)
-            masks = crop(region_targets(loaded.label, convention, regions), pre.box)
-            rng = np.random.default_rng(0)
-            fg = {}
-            for i, mask in enumerate(masks):
-                coords = np.argwhere(mask)
-                if len(coords) > MAX_FOREGROUND_SAMPLES:
-                    coords = coords[rng.choice(len(coords), MAX_FOREGROUND_SAMPLES, replace=False)]
-                fg[f"fg{i}"] = coords.astype(np.int32)
-            # Atomic (ciml_core.io): a worker, or a run killed meanwhile, never sees half a
-            # file; two runs preparing one cache write the same content, the last one wins.
-            atomic_write(path, partial(np.savez, image=pre.image, regions=masks, **fg),
-                         binary=True, overwrite=True)
-        prepared.append(PreparedCase(case.case_id, path))
-    return prepared
 
 
 def _patch_start(rng: np.random.Generator, shape: Sequence[int], patch: Sequence[int],
@@ -131,6 +63,7 @@ class PatchDataset(Dataset):
         region_weights: Sequence[float] | None = None,
         augment=None,
         seed: int = 0,
+        open_cases: int = 4,
     ) -> None:
         if not cases:
             raise ConfigError("no training case to draw patches from")
@@ -145,7 +78,8 @@ class PatchDataset(Dataset):
         self.augment = augment
         self.seed = seed
         self.epoch = 0
-        self._cache: dict[int, tuple] = {}
+        self.open_cases = max(int(open_cases), 1)
+        self._open: OrderedDict[int, tuple] = OrderedDict()
 
     def set_epoch(self, epoch: int) -> None:
         """Call before each epoch (like ``DistributedSampler.set_epoch``) to draw new patches."""
@@ -155,9 +89,15 @@ class PatchDataset(Dataset):
         return self.length
 
     def _case(self, i: int) -> tuple:
-        if i not in self._cache:
-            self._cache[i] = self.cases[i].load()
-        return self._cache[i]
+        if i in self._open:
+            self._open.move_to_end(i)
+        else:
+            # Closing a map (dropping the last reference) returns its pages: the process keeps
+            # at most ``open_cases`` cases' touched pages, whatever the dataset's size.
+            while len(self._open) >= self.open_cases:
+                self._open.popitem(last=False)
+            self._open[i] = self.cases[i].load()
+        return self._open[i]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng([self.seed, self.epoch, index])
