@@ -283,10 +283,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from ciml_core.checkpoint import load_checkpoint
-    from ciml_core.data.dataset import load_case
+    from ciml_core.cohort import predict_cohort, prediction_paths
     from ciml_core.data.layouts import check_case_id
-    from ciml_core.infer import input_warnings, predict_case, write_prediction
-    from ciml_core.io import check_output_dir, output_path, refuse_existing
+    from ciml_core.io import check_output_dir
     from ciml_core.runtime import cleanup, setup_distributed, shard
 
     out = check_output_dir(args.out)
@@ -306,31 +305,41 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         inputs = {p.resolve() for p in _case_paths(cases)}
         cases = shard(cases, ctx)
         settings = _inference_settings(args, device=ctx.device)
-        written = []
-        for case_files in tqdm(cases, desc="cases", unit="case", disable=(not ctx.is_main) or None):
-            cid = case_files.case_id
-            names = [f"{cid}.nii.gz", *(f"{cid}_prob_{r}.nii.gz" for r in loaded.regions
-                                        if args.probabilities)]
-            targets = [output_path(out, name) for name in names]
-            for target in targets:
+        for case_files in cases:
+            for target in prediction_paths(case_files.case_id, loaded.regions, out,
+                                           args.probabilities):
                 if target.resolve() in inputs:  # even with --overwrite --allow-input-dir
                     raise CimlError(f"{target} is an input file of this run; the outputs of case "
-                                    f"{cid} would replace it")
-            refuse_existing(targets, args.overwrite)
-            case = load_case(case_files, loaded.modalities)
-            for warning in input_warnings(case, loaded):
-                print(f"ciml-core predict: warning: {warning}", file=sys.stderr)
-            bar = tqdm(desc=f"{case_files.case_id} windows", unit="win", leave=False)
+                                    f"{case_files.case_id} would replace it")
+        bar = tqdm(total=len(cases), desc="cases", unit="case",
+                   disable=(not ctx.is_main) or None)
 
-            def tick(done: int, total: int, bar=bar) -> None:
-                bar.total = total
-                bar.update(done - bar.n)
+        window_bars: dict[str, tqdm] = {}
 
-            prediction = predict_case(loaded, case, settings, progress=tick,
-                                      label_convention=_output_labels(args, case_files, loaded))
-            bar.close()
-            written += write_prediction(prediction, case, out, probabilities=args.probabilities,
-                                        overwrite=args.overwrite)
+        def windows(case_id: str):
+            window_bar = window_bars[case_id] = tqdm(desc=f"{case_id} windows", unit="win",
+                                                     leave=False)
+
+            def tick(done: int, total: int) -> None:
+                window_bar.total = total
+                window_bar.update(done - window_bar.n)
+            return tick
+
+        def case_done(case_id: str) -> None:
+            window_bars.pop(case_id).close()
+            bar.update()
+
+        report = predict_cohort(
+            loaded, cases, out, settings, probabilities=args.probabilities,
+            overwrite=args.overwrite, prefetch=not args.no_prefetch,
+            label_convention=lambda case_files: _output_labels(args, case_files, loaded),
+            warn=lambda w: print(f"ciml-core predict: warning: {w}", file=sys.stderr),
+            case_progress=windows, case_done=case_done)
+        bar.close()
+        written = report.files
+        if report.cases:
+            print(f"{report.cases} case(s) in {report.seconds:.1f} s "
+                  f"({report.cases_per_hour:.1f} cases/hour)")
         print(f"wrote {len(written)} file(s) to {out}")
     finally:
         cleanup(ctx)
@@ -698,6 +707,9 @@ def _add_predict(sub, parents: dict) -> None:
                    "common prefix of their names); a plain file name")
     p.add_argument("--allow-input-dir", action="store_true",
                    help="allow --out to be inside an input folder")
+    p.add_argument("--no-prefetch", action="store_true",
+                   help="read, predict and write one case after the other (default: the next "
+                   "case is read and the last one written while a case computes)")
     p.set_defaults(func=_cmd_predict)
 
 
