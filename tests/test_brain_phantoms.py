@@ -10,6 +10,7 @@ and reused by later runs; without registry access the tests that need it are ski
 from __future__ import annotations
 
 import importlib
+import os
 import subprocess
 import sys
 import time
@@ -179,8 +180,9 @@ def test_atlas_is_on_the_brats_grid_in_lps_with_adult_tissue_volumes(atlas):
     index = np.argwhere(atlas.brain)
     low = index[index[:, 2] < index[:, 2].min() + 25]
     assert low[:, 1].mean() > index[:, 1].mean() + 15
-    # The derived maps are cached beside the wheel's other users, keyed by the file's hash.
-    assert list(atlas_cache_dir().glob(f"tissues-v*-{atlas.sha256[:16]}.npz"))
+    # The derived maps are cached in the per-user cache, keyed by the atlas file's hash.
+    if os.access(atlas_cache_dir(), os.W_OK):
+        assert list(atlas_cache_dir().glob(f"tissues-v*-{atlas.sha256[:16]}.npz"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,8 +206,14 @@ def test_two_brats_grid_cases_in_under_30_seconds_each(full_cases):
     print("brain phantom 240x240x155: " + ", ".join(
         f"seed {s}: {w:.1f} s wall, {c:.1f} s CPU" for s, (w, c) in zip(FULL_SEEDS, times,
                                                                          strict=True)))
+    # The budget is wall-clock on 2 idle cores. When other jobs hold the cores (load above the
+    # core count: a shared development machine), wall time measures them too, so the guard then
+    # allows twice the budget; the process's own CPU time must stay within budget either way.
+    overloaded = os.getloadavg()[0] > (os.cpu_count() or 1)
     for wall, cpu in times:
-        assert wall < TIME_BUDGET_S, f"{wall:.1f} s wall ({cpu:.1f} s CPU) for one case"
+        assert cpu < TIME_BUDGET_S, f"{cpu:.1f} s CPU ({wall:.1f} s wall) for one case"
+        limit = 2 * TIME_BUDGET_S if overloaded else TIME_BUDGET_S
+        assert wall < limit, f"{wall:.1f} s wall ({cpu:.1f} s CPU) for one case"
 
 
 def test_brats_grid_arrays_affine_and_raw_intensities(full_cases):

@@ -75,9 +75,13 @@ ELASTIC_LENGTH_MM = (20.0, 35.0)  # correlation length of the elastic field
 #: Seeds with ``seed % LGG_EVERY == LGG_EVERY - 1`` are lower-grade gliomas: no enhancing tumour.
 LGG_EVERY = 5
 MULTIFOCAL_PROBABILITY = 0.15
-WT_CM3 = (10.0, 250.0)  # whole-tumour volume, log-uniform
+#: Seeds are drawn above a plane approximating the tentorium (atlas voxel indices).
+SUPRATENTORIAL_Z0, SUPRATENTORIAL_Y0, SUPRATENTORIAL_SLOPE = 40, 110, 0.45
+#: Whole-tumour volume: its equivalent-sphere radius is uniform between those of 10 and
+#: 250 cm^3 (median ~76 cm^3, near BraTS's; log-uniform would make half the cases under 50).
+WT_CM3 = (10.0, 250.0)
 TC_FRACTION = {"hgg": (0.15, 0.4), "lgg": (0.4, 0.85)}  # TC / WT
-MIN_TC_CM3 = {"hgg": 8.0, "lgg": 2.0}  # per focus; keeps the rim <= 16% of the core radius
+MIN_TC_CM3 = {"hgg": 12.0, "lgg": 2.0}  # per focus; a 2 mm rim stays <= 14% of the radius
 RIM_MM = (2.0, 5.0)  # enhancing rim thickness
 RIM_MAX_FRACTION = 0.16  # of the core's radius: the necrosis must stay the larger part of TC
 #: Largest share of the core that enhances, drawn per case: an irregular or small core has more
@@ -100,15 +104,15 @@ GEODESIC_STEP_MM = 3.0  # coarse grid of the oedema distance
 #: oedema bright on T2/FLAIR; ET bright on T1CE only; necrosis CSF-like on T1/T1CE) and the
 #: margins that make the separability statements of SPEC 3.4 hold (tests/test_brain_phantoms.py).
 BRAIN_INTENSITY: dict[str, dict[str, tuple[float, float]]] = {
-    "csf": {"t1": (0.22, 0.38), "t1ce": (0.22, 0.38), "t2": (1.8, 2.3), "flair": (0.1, 0.2)},
+    "csf": {"t1": (0.2, 0.35), "t1ce": (0.2, 0.35), "t2": (1.8, 2.3), "flair": (0.1, 0.2)},
     "gm": {"t1": (0.65, 0.8), "t1ce": (0.65, 0.8), "t2": (0.72, 0.88), "flair": (0.72, 0.85)},
     "wm": {"t1": (1.0, 1.0), "t1ce": (1.0, 1.0), "t2": (0.45, 0.6), "flair": (0.55, 0.68)},
     "ed": {"t1": (0.55, 0.72), "t1ce": (0.58, 0.75), "t2": (1.05, 1.3), "flair": (1.3, 1.55)},
-    "net": {"t1": (0.48, 0.62), "t1ce": (0.48, 0.6), "t2": (1.0, 1.25), "flair": (1.1, 1.35)},
+    "net": {"t1": (0.4, 0.55), "t1ce": (0.38, 0.52), "t2": (1.0, 1.25), "flair": (1.1, 1.35)},
     # NCR on T1/T1CE is drawn as a factor of the case's CSF compartment as it appears (its
-    # median, partial volume included): CSF-like, 1.0-1.25 x CSF (the blur of thin sulci brightens
+    # median, partial volume included): CSF-like, 0.95-1.2 x CSF (the blur of thin sulci brightens
     # the CSF class a little more than the bulky necrosis).
-    "ncr": {"t1": (1.0, 1.25), "t1ce": (1.0, 1.25), "t2": (1.3, 1.55), "flair": (1.0, 1.2)},
+    "ncr": {"t1": (0.95, 1.2), "t1ce": (0.95, 1.2), "t2": (1.3, 1.55), "flair": (1.0, 1.2)},
     "et": {"t1": (0.6, 0.78), "t1ce": (1.55, 2.0), "t2": (1.0, 1.25), "flair": (1.25, 1.5)},
 }
 SPREAD = {"anatomy": (0.01, 0.035), "tumour": (0.03, 0.12)}  # relative texture std per class
@@ -216,6 +220,16 @@ def _atlas_world(atlas_index: np.ndarray) -> np.ndarray:
     return atlas_index @ affine[:3, :3].T + affine[:3, 3]
 
 
+def _supratentorial() -> np.ndarray:
+    """Atlas voxels above the tentorium (broadcastable to the atlas grid): adult gliomas, the
+    BraTS population, grow in the cerebral hemispheres, not in the cerebellum or brainstem. The
+    tentorium is approximated by a plane rising posteriorly (atlas index z >= 40 + 0.45 (y - 110)
+    behind y = 110; LPS storage, y grows posteriorly), which clears the cerebellum of SRI24."""
+    y = np.arange(BRAIN_SHAPE[1])[None, :, None]
+    z = np.arange(BRAIN_SHAPE[2])[None, None, :]
+    return z >= SUPRATENTORIAL_Z0 + SUPRATENTORIAL_SLOPE * np.clip(y - SUPRATENTORIAL_Y0, 0, None)
+
+
 def _draw_plan(rng: np.random.Generator, atlas: Atlas, seed: int, deform: bool, tumour: bool,
                grade: str | None, foci: int | None) -> _Plan:
     """Deformation and tumour parameters (grid-independent: no draw depends on the grid)."""
@@ -234,7 +248,7 @@ def _draw_plan(rng: np.random.Generator, atlas: Atlas, seed: int, deform: bool, 
     grade = grade or ("lgg" if seed % LGG_EVERY == LGG_EVERY - 1 else "hgg")
     if grade not in ("hgg", "lgg"):
         raise ConfigError(f"grade: expected 'hgg' or 'lgg', got {grade!r}")
-    wt = float(np.exp(rng.uniform(*np.log(WT_CM3))))
+    wt = float(rng.uniform(*np.cbrt(WT_CM3)) ** 3)
     if foci is None:
         foci = int(rng.choice([2, 3], p=[0.7, 0.3])) if rng.random() < MULTIFOCAL_PROBABILITY else 1
     elif isinstance(foci, bool) or not isinstance(foci, int | np.integer) or not 1 <= foci <= 3:
@@ -249,12 +263,14 @@ def _draw_plan(rng: np.random.Generator, atlas: Atlas, seed: int, deform: bool, 
     incomplete = grade == "hgg" and rng.random() < INCOMPLETE_RIM_PROBABILITY
 
     centres: list[np.ndarray] = []
+    supratentorial = _supratentorial()
     for radius in radii:
-        # The seed lies in WM deep enough below the brain surface for the core to fit.
+        # The seed lies in cerebral WM deep enough below the brain surface for the core to fit.
         min_depth = float(np.clip(0.7 * radius + 5, 10, 35))
-        candidates = np.flatnonzero((atlas.classes == WM) & (atlas.depth >= min_depth))
+        white = (atlas.classes == WM) & supratentorial
+        candidates = np.flatnonzero(white & (atlas.depth >= min_depth))
         if candidates.size == 0:
-            candidates = np.flatnonzero(atlas.classes == WM)
+            candidates = np.flatnonzero(white)
         for attempt in range(200):
             index = np.array(np.unravel_index(candidates[rng.integers(candidates.size)],
                                               BRAIN_SHAPE), float)
@@ -415,6 +431,23 @@ def _block_mean(array: np.ndarray, factor: int, fill: float) -> np.ndarray:
     return padded.reshape(nx, factor, ny, factor, nz, factor).mean(axis=(1, 3, 5))
 
 
+def _rim_for_share(depth: np.ndarray, modulation: np.ndarray, rim_mm: float, share: float,
+                   low: float, high: float) -> float:
+    """The rim thickness (mm, at most ``rim_mm``) whose modulated, clipped rim holds at most
+    ``share`` of the core's voxels (bisection; the clip at ``low`` may keep it above)."""
+
+    def enhancing_share(t: float) -> float:
+        return float(np.mean(depth <= np.clip(t * modulation, low, high)))
+
+    if enhancing_share(rim_mm) <= share:
+        return rim_mm
+    lo, hi = 0.0, rim_mm
+    for _ in range(20):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if enhancing_share(mid) <= share else (lo, mid)
+    return lo
+
+
 def _tumour(rng: np.random.Generator, plan: _Plan, axes: Sequence[np.ndarray],
             spacing: Sequence[float], classes: np.ndarray, brain: np.ndarray,
             seeds: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -432,10 +465,10 @@ def _tumour(rng: np.random.Generator, plan: _Plan, axes: Sequence[np.ndarray],
     rim_field = _smooth_random_field(rng, axes, DOMAIN_MM, 10.0)
     gap_field = _smooth_random_field(rng, axes, DOMAIN_MM, 12.0)
     net_field = _smooth_random_field(rng, axes, DOMAIN_MM, 6.0)
-    speed_field = _smooth_random_field(rng, axes, DOMAIN_MM, 12.0)
-    edge_field = _smooth_random_field(rng, axes, DOMAIN_MM, 5.0)
+    speed_field = _smooth_random_field(rng, axes, DOMAIN_MM, 10.0)
+    edge_field = _smooth_random_field(rng, axes, DOMAIN_MM, 6.0)
     gm_cost = float(rng.uniform(*GM_COST))
-    gap_level = float(rng.uniform(0.3, 0.8))
+    gap_level = float(rng.uniform(0.5, 1.0))  # 16-31% of an incomplete rim does not enhance
     net_margin = float(rng.uniform(0.0, 2.0))
     cyst = plan.grade == "lgg" and rng.random() < 0.3
     et_share = float(rng.uniform(*ET_SHARE))
@@ -468,12 +501,17 @@ def _tumour(rng: np.random.Generator, plan: _Plan, axes: Sequence[np.ndarray],
     depth = _depth_mm(tc, spacing)
     if plan.grade == "hgg":
         # The rim is the outer 2-5 mm of the core; at least one voxel thick on coarse grids.
-        low = max(RIM_MM[0], min(spacing))
-        rim_mm = min(plan.rim_mm, float(np.quantile(depth[tc], et_share)))
-        thickness = np.clip(rim_mm * (1 + 0.25 * rim_field), low, max(RIM_MM[1], low))
+        low, high = max(RIM_MM[0], min(spacing)), max(RIM_MM[1], min(spacing))
+        modulation = 1 + 0.25 * rim_field
+        rim_mm = _rim_for_share(depth[tc], modulation[tc], plan.rim_mm, et_share, low, high)
+        thickness = np.clip(rim_mm * modulation, low, high)
         rim = tc & (depth <= thickness)
         inside = tc & ~rim
         enhancing = rim & ~(plan.incomplete_rim & (gap_field > gap_level))
+        excess = enhancing.sum() - et_share * tc.sum()
+        if excess > 0:  # even the thinnest rim is too much of a small or ragged core: gaps
+            cut = np.quantile(gap_field[enhancing], 1 - excess / enhancing.sum())
+            enhancing &= gap_field < cut
         net = (rim & ~enhancing) | (inside & (depth <= thickness + net_margin) & (net_field > 0.6))
         lesion[inside] = _LESION["ncr"]
         lesion[net] = _LESION["net"]
@@ -487,19 +525,21 @@ def _tumour(rng: np.random.Generator, plan: _Plan, axes: Sequence[np.ndarray],
     # Oedema: tissue-weighted geodesic distance from the core on a ~3 mm grid.
     factor = max(1, int(round(GEODESIC_STEP_MM / min(spacing))))
     cost = np.where(classes == WM, 1.0, np.where(classes == GM, gm_cost, CSF_COST))
-    cost = np.where(brain, cost * np.exp(0.4 * speed_field), OUTSIDE_COST).astype(np.float32)
+    cost = np.where(brain, cost * np.exp(0.6 * speed_field), OUTSIDE_COST).astype(np.float32)
     coarse_cost = _block_mean(cost, factor, OUTSIDE_COST)
     sources = _block_mean(tc, factor, 0.0) > 0
     coarse = _geodesic(coarse_cost, sources, factor * min(spacing))
-    coarse[~np.isfinite(coarse)] = 1e6
+    # Capped, then smoothed by one coarse voxel: rounds the facets that a 26-neighbour metric
+    # gives level sets in uniform white matter.
+    coarse = ndimage.gaussian_filter(np.minimum(coarse, 500.0), 1.0)
     fine_index = [(np.arange(n, dtype=np.float32) - (factor - 1) / 2) / factor for n in shape]
     coords = np.meshgrid(*fine_index, indexing="ij", sparse=True)
     distance = ndimage.map_coordinates(coarse, np.broadcast_arrays(*coords), order=1,
                                        mode="nearest")
-    # Fine refinement: grey matter voxels near the front stay out (oedema spares the cortex),
-    # and a small smooth field roughens the edge.
-    level = distance + np.where(classes == GM, 1.5 * gm_cost, 0.0) + 3.0 * edge_field
-    candidates = allowed & ~tc & (distance < 1e5)
+    # Fine refinement: grey matter near the front mostly stays out (oedema spares the cortex),
+    # and a smooth field roughens the edge.
+    level = distance + np.where(classes == GM, 0.6 * gm_cost, 0.0) + 4.0 * edge_field
+    candidates = allowed & ~tc & (distance < 400.0)
     count = int(round(max(plan.wt_cm3 - tc.sum() * voxel_cm3, 0) / voxel_cm3))
     oedema = candidates & (level <= _kth_level(level, candidates, count))
 
@@ -515,14 +555,24 @@ def _tumour(rng: np.random.Generator, plan: _Plan, axes: Sequence[np.ndarray],
 # ---------------------------------------------------------------------------------------------
 
 
-def _draw_intensities(rng: np.random.Generator, atlas: Atlas) -> dict[str, dict[str, float]]:
-    """Per-case mean of each tissue and modality (:data:`BRAIN_INTENSITY`)."""
+def _knots(atlas: Atlas) -> np.ndarray:
+    """Atlas T1 values that map to the CSF, GM and WM levels of a modality: the CSF class's
+    median (so that the CSF compartment as segmented, partial volume included, shows the drawn
+    CSF level), then the GM and WM means of the mixture."""
+    return np.array([atlas.csf_median_t1, atlas.means[1], atlas.means[2]], np.float32)
+
+
+def _draw_intensities(rng: np.random.Generator, atlas: Atlas
+                      ) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """Per-case mean of each tissue and modality (:data:`BRAIN_INTENSITY`), and the drawn ratio
+    of necrosis to CSF on T1 and T1CE."""
     means = {t: {m: float(rng.uniform(*BRAIN_INTENSITY[t][m])) for m in BRATS_MODALITIES}
              for t in BRAIN_INTENSITY}
     # The CSF class of the atlas holds partial-volume voxels too: what CSF looks like in the
     # image is the transfer function at the class's median T1, not the pure-CSF level.
-    knots = np.array(atlas.means)
+    knots = _knots(atlas)
     csf_t1 = atlas.csf_median_t1
+    ncr_to_csf = {m: means["ncr"][m] for m in ("t1", "t1ce")}
     for m in BRATS_MODALITIES:
         levels = [means[t][m] for t in ("csf", "gm", "wm")]
         csf_seen = float(np.interp(csf_t1, knots, levels))
@@ -530,7 +580,7 @@ def _draw_intensities(rng: np.random.Generator, atlas: Atlas) -> dict[str, dict[
             means["ncr"][m] *= csf_seen  # necrosis is CSF-like on T1 and T1CE
         if m == "flair":  # ... but clearly brighter than CSF on FLAIR (it is not free water)
             means["ncr"][m] = max(means["ncr"][m], 4.5 * csf_seen)
-    return means
+    return means, ncr_to_csf
 
 
 
@@ -564,9 +614,9 @@ def _texture(rng: np.random.Generator, shape: Sequence[int], spacing: Sequence[f
 
 def _images(rng_params: np.random.Generator, rng_noise: np.random.Generator, atlas: Atlas,
             axes: Sequence[np.ndarray], spacing: Sequence[float], t1: np.ndarray,
-            brain: np.ndarray, lesion: np.ndarray) -> dict[str, np.ndarray]:
+            brain: np.ndarray, classes: np.ndarray, lesion: np.ndarray) -> dict[str, np.ndarray]:
     """The four modalities on the box (raw-scanner scale, integer-valued float32)."""
-    means = _draw_intensities(rng_params, atlas)
+    means, ncr_to_csf = _draw_intensities(rng_params, atlas)
     spreads = {t: {m: float(rng_params.uniform(*SPREAD["tumour" if t in _LESION else
                                                          "anatomy"]))
                    for m in BRATS_MODALITIES} for t in BRAIN_INTENSITY}
@@ -585,7 +635,7 @@ def _images(rng_params: np.random.Generator, rng_noise: np.random.Generator, atl
             "gain": float(np.exp(rng_params.uniform(*np.log(GAIN)))),
         }
 
-    knots = np.array(atlas.means, np.float32)  # atlas T1 at CSF, GM, WM
+    knots = _knots(atlas)
     shape = t1.shape
     shared = _texture(rng_noise, shape, spacing)
     keep = ndimage.binary_dilation(brain)  # the resampled image spills one voxel past the mask
@@ -605,9 +655,21 @@ def _images(rng_params: np.random.Generator, rng_noise: np.random.Generator, atl
         image[~brain] = 0
         np.maximum(image, 0, out=image)
         image **= np.float32(acq["gamma"])
-        image *= np.exp(np.float32(acq["bias_std"]) * acq["bias"])
+        bias = np.exp(np.float32(acq["bias_std"]) * acq["bias"])
+        image *= bias
         sigma = [p / s for p, s in zip(acq["psf"], spacing, strict=True)]
         image = ndimage.gaussian_filter(image, sigma, mode="constant")
+        necrosis = lesion == _LESION["ncr"]
+        if m in ncr_to_csf and necrosis.any():
+            # The blur brightens thin sulcal CSF more than bulky necrosis: set the necrosis
+            # level on the blurred image, so that it is the drawn multiple of the CSF
+            # compartment's median as imaged (blur is linear: shift by a blurred indicator).
+            csf = brain & (classes == CSF) & (lesion == 0)
+            target = ncr_to_csf[m] * float(np.median(image[csf]))
+            spread = ndimage.gaussian_filter(np.where(necrosis, bias, 0), sigma, mode="constant")
+            step = (target - float(np.median(image[necrosis]))) / float(
+                np.median(spread[necrosis]))
+            image += np.float32(step) * spread
         # Rician noise, relative to this case's WM level after gamma.
         noise = np.float32(acq["noise"] * means["wm"][m] ** acq["gamma"])
         real = image + noise * rng_noise.standard_normal(shape, dtype=np.float32)
@@ -694,7 +756,7 @@ def make_brain_phantom(
     else:
         del points
         label = lesion = np.zeros(classes.shape, np.uint8)
-    images = _images(rng_contrast, rng_noise, atlas, axes, spacing, t1, brain, lesion)
+    images = _images(rng_contrast, rng_noise, atlas, axes, spacing, t1, brain, classes, lesion)
 
     def full(array: np.ndarray, dtype) -> np.ndarray:
         out = np.zeros(shape, dtype)
