@@ -621,9 +621,12 @@ def _add_phantom(sub, parents: dict) -> None:
 
     p = sub.add_parser(
         "phantom", parents=[parents["out"], parents["overwrite"]],
-        help="write synthetic multimodal cases (BraTS-like glioma, ShapeComposition, PET/CT)",
+        help="write synthetic multimodal cases (BraTS-like glioma, glioma in real anatomy, "
+        "ShapeComposition, PET/CT)",
         description="Write synthetic NIfTI cases with real affines. brats: BraTS 2020 layout "
-        "(flair, t1, t1ce, t2, seg; labels 0/1/2/4); shapes: ShapeComposition pairs "
+        "(flair, t1, t1ce, t2, seg; labels 0/1/2/4), procedural head; brain: the same layout, "
+        "a glioma grown in the deformed SRI24 atlas (needs the atlas on disk: docs/phantoms.md); "
+        "shapes: ShapeComposition pairs "
         "(primary triangle, auxiliary ellipse, union target); petct: autoPET layout "
         "(CTres, SUV, SEG).",
     )
@@ -633,7 +636,8 @@ def _add_phantom(sub, parents: dict) -> None:
                    help="random seed; case i uses seed+i")
     p.add_argument(
         "--shape", type=_phantom_side, nargs=3, metavar=("X", "Y", "Z"),
-        help="volume shape in voxels (brats default 96 96 64 at 2 mm; 240 240 155 is the BraTS grid)",
+        help="volume shape in voxels (brats default 96 96 64 at 2 mm, brain default 240 240 155 "
+        "at 1 mm, the BraTS grid; 120 120 78 gives 2 mm)",
     )
     p.set_defaults(func=_cmd_phantom)
 
