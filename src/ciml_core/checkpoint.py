@@ -4,7 +4,8 @@ A checkpoint is a folder::
 
     model.safetensors   the weights (safetensors: no pickle, nothing executes on load)
     config.json         network config, modalities, regions, label convention, normalisation,
-                        patch size, package version, training metadata and metrics, the
+                        patch size, target spacing (optional), package version, training
+                        metadata and metrics, the
                         sha256 of model.safetensors and (format 2) ``config_sha256``, the sha256
                         of the canonical JSON of everything else in config.json, so that an
                         edited field (a label convention, swapped task primaries) is refused
@@ -29,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,14 +61,32 @@ DEMO_CHECKPOINT = Path(__file__).parent / "assets" / "demo"
 REQUIRED_KEYS = ("format", "format_version", "model", "label_convention", "weights_sha256")
 
 
+#: config.json key of the spacing (mm per canonical RAS+ voxel axis) the model runs at.
+SPACING_KEY = "target_spacing"
+
+
 @dataclass
 class CheckpointInfo:
-    """What config.json says besides the network: how to feed the model and what it produced."""
+    """What config.json says besides the network: how to feed the model and what it produced.
+
+    ``spacing``: the voxel size (mm, per canonical RAS+ voxel axis, as ``LoadedCase.spacing``)
+    the model was trained at and runs at (config.json ``"target_spacing"``): inference resamples
+    a case of another spacing to it (:mod:`ciml_core.infer`). None (checkpoints written before
+    it was recorded): every case runs at its own, native spacing.
+    """
 
     label_convention: str
     normalisation: dict[str, Any] = field(default_factory=lambda: {"pet_method": "log"})
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    spacing: tuple[float, float, float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.spacing is not None:
+            value = self.spacing
+            value = value.tolist() if hasattr(value, "tolist") else value  # a numpy array
+            self.spacing = check_spacing(list(value) if isinstance(value, tuple) else value,
+                                         "CheckpointInfo.spacing")
 
 
 @dataclass
@@ -86,6 +106,18 @@ class LoadedModel:
     @property
     def regions(self) -> tuple[str, ...]:
         return self.config.decomposition.regions
+
+
+def check_spacing(value: Any, what: str = SPACING_KEY) -> tuple[float, float, float]:
+    """``value`` as three positive, finite voxel sizes in mm, else a :class:`CheckpointError`
+    naming ``what``."""
+    ok = (isinstance(value, list | tuple) and len(value) == 3
+          and all(isinstance(v, numbers.Real) and not isinstance(v, bool)
+                  and math.isfinite(v) and v > 0 for v in value))
+    if not ok:
+        raise CheckpointError(f"{what} = {json.dumps(value, default=str)[:80]}; expected three "
+                              "positive voxel sizes in mm (canonical RAS+ axis order) or null")
+    return tuple(float(v) for v in value)  # type: ignore[return-value]
 
 
 def sha256_file(path: Path) -> str:
@@ -205,6 +237,8 @@ def save_checkpoint(
             "metrics": info.metrics,
             "weights_sha256": sha256_file(tmp / WEIGHTS),
         }
+        if info.spacing is not None:
+            document[SPACING_KEY] = list(info.spacing)
         (tmp / CONFIG).write_text(_config_text(document))
         if training_state is not None:
             torch.save(training_state, tmp / TRAINING_STATE)
@@ -290,6 +324,12 @@ def _check_fields(document: dict[str, Any], config_path: Path) -> None:
         value = document.get(name)
         if value is not None and not isinstance(value, list):
             raise bad(name, "a list")
+    if document.get(SPACING_KEY) is not None:
+        try:
+            check_spacing(document[SPACING_KEY])
+        except CheckpointError:
+            raise bad(SPACING_KEY, "three positive voxel sizes in mm (canonical RAS+ axis "
+                      "order), or null") from None
 
 
 def _check_model(document: dict[str, Any], config: ModelConfig, folder: Path) -> None:
@@ -396,8 +436,15 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cp
         normalisation=document.get("normalisation", {"pet_method": "log"}),
         training=document.get("training", {}),
         metrics=document.get("metrics", {}),
+        spacing=document_spacing(document),
     )
     return LoadedModel(model, config, info, folder, document["weights_sha256"])
+
+
+def document_spacing(document: dict[str, Any]) -> tuple[float, float, float] | None:
+    """The target spacing a (checked) config.json records, None when it records none."""
+    value = document.get(SPACING_KEY)
+    return None if value is None else check_spacing(value)
 
 
 def export_checkpoint(
@@ -447,6 +494,16 @@ class CheckpointSummary:
     metrics: dict[str, Any]
     weights_sha256: str
     package_version: str
+    spacing: tuple[float, float, float] | None = None
+
+    def spacing_text(self) -> str:
+        """What the model does about voxel spacing, in one phrase."""
+        from ciml_core.data.preprocess import format_spacing
+
+        if self.spacing is None:
+            return "not recorded: cases run at their native spacing"
+        return (f"{format_spacing(self.spacing)} (cases of another spacing are resampled to it "
+                "unless native spacing is asked for)")
 
     def lines(self, *, brief: bool = False) -> list[str]:
         """``ciml-core info``'s text, or (``brief``) the few lines the Segment widget shows."""
@@ -461,6 +518,7 @@ class CheckpointSummary:
                        else "training record absent")
             lines = ["bundled demo" if self.is_demo else str(self.folder),
                      f"variant {c.variant}, C={c.width}, patch {patch}",
+                     f"spacing {self.spacing_text()}",
                      f"{', '.join(d.modalities)} -> {', '.join(d.regions)} "
                      f"({self.label_convention})",
                      f"{trained}; sha256 {self.weights_sha256[:12]}"]
@@ -474,6 +532,7 @@ class CheckpointSummary:
                  f"{list(c.patch_size)}{parameters})",
                  f"modalities      {', '.join(d.modalities)}",
                  f"regions         {', '.join(d.regions)} (labels: {self.label_convention})",
+                 f"spacing         {self.spacing_text()}",
                  "decomposition"]
         lines += [f"  {task.name:>12} -> {', '.join(task.regions)}" for task in d.tasks]
         if cfg:
@@ -507,4 +566,4 @@ def describe(model: str | os.PathLike | LoadedModel) -> CheckpointSummary:
         config=config, parameters=parameters,
         label_convention=document["label_convention"], training=document.get("training", {}),
         metrics=document.get("metrics", {}), weights_sha256=document["weights_sha256"],
-        package_version=document.get("package_version", "?"))
+        package_version=document.get("package_version", "?"), spacing=document_spacing(document))
