@@ -32,6 +32,15 @@ Whole volumes (``mode``):
 - ``"sliding"``: Grad-CAM in every sliding window (the settings' overlap, as the prediction), each with its
   own alpha, stitched with MONAI's Gaussian weighting exactly like the prediction. Slower (one
   forward and one backward per pair per window) but covers the whole volume.
+
+Spacing: like :func:`ciml_core.infer.predict_case`, a case whose spacing differs from the
+model's target spacing is explained on the model's grid (cropped, normalised, resampled cubic;
+the targets are the prediction there, or the user ROI resampled linearly and > 0.5) and the
+heatmaps come back to the cropped input grid by linear interpolation (maps >= 0 stay >= 0); the
+reported targets, windows and centres are then on the input grid (a predicted target is the
+input-grid prediction, exactly the mask ``predict_case`` paints), the dilated-target binding and
+the weights are computed there. ``level_maps`` stay on the CIG grid of the model's window.
+``InferenceSettings(native_spacing=True)`` explains at the case's own spacing.
 """
 
 from __future__ import annotations
@@ -57,9 +66,15 @@ from ciml_core.checkpoint import LoadedModel
 from ciml_core.data.dataset import LoadedCase
 from ciml_core.data.nifti import write_like
 from ciml_core.data.patches import extract_patch
-from ciml_core.data.preprocess import crop, preprocess_image, uncrop
+from ciml_core.data.preprocess import SpacingPlan, crop, preprocess_image, uncrop
 from ciml_core.errors import ConfigError, InputDataError
-from ciml_core.infer import InferenceSettings, ProgressFn, count_windows, sliding_window_predict
+from ciml_core.infer import (
+    InferenceSettings,
+    ProgressFn,
+    count_windows,
+    sliding_window_predict,
+    spacing_plan,
+)
 from ciml_core.model import TaskDecomposition, probabilities_to_region_masks
 from ciml_core.model.config import check_spatial_size
 
@@ -489,30 +504,89 @@ def resolve_pairs(model: nn.Module, decomposition: TaskDecomposition,
 
 @dataclass
 class _Targets:
-    """What each pair's y^k sums over, on the cropped grid."""
+    """What each pair's y^k sums over, on the grid the model runs on (the cropped grid, or the
+    cropped grid resampled to the model's spacing)."""
 
-    masks: np.ndarray  # (channels, *cropped grid) bool
+    masks: np.ndarray  # (channels, *model grid) bool
     channels: list[int]  # per pair, its channel in ``masks``
     source: str  # "mask" (a user ROI) or "prediction"
+    input_masks: np.ndarray | None = None  # the same on the cropped input grid, when resampled
+
+
+def _region_masks(loaded: LoadedModel, probs: np.ndarray) -> np.ndarray:
+    return probabilities_to_region_masks(torch.from_numpy(np.ascontiguousarray(probs))[None],
+                                         loaded.regions)[0].numpy()
 
 
 def _targets(loaded: LoadedModel, image: np.ndarray, box, pairs: list[tuple[int, str]],
              target_mask: np.ndarray | None, prediction: np.ndarray | None,
-             settings: InferenceSettings, counter: _Counter) -> _Targets:
+             settings: InferenceSettings, counter: _Counter,
+             plan: SpacingPlan | None = None) -> _Targets:
     """The user ROI (one channel for every pair), else each pair's predicted region: from
-    ``prediction`` when given, else predicted here (counted on ``counter``)."""
+    ``prediction`` when given, else predicted here (counted on ``counter``). ``image`` is on the
+    model's grid; ``plan`` maps the cropped input grid onto it (None: the same grid)."""
+    resampled = plan is not None and plan.resampled
     if target_mask is not None:
         masks = crop(np.asarray(target_mask, dtype=bool), box)[None]
-        return _Targets(masks, [0] * len(pairs), "mask")
+        if not resampled:
+            return _Targets(masks, [0] * len(pairs), "mask")
+        weight = plan.to_model(masks.astype(np.float32), order=1)
+        # A ROI thinner than the model's voxels keeps every voxel it overlaps.
+        model_masks = weight > 0.5 if (weight > 0.5).any() else weight > 0
+        return _Targets(model_masks, [0] * len(pairs), "mask", input_masks=masks)
+    decomposition = loaded.config.decomposition
+    channels = [decomposition.region_index(r) for _, r in pairs]
     if prediction is None:
         probs = sliding_window_predict(loaded.model, image, loaded.config.patch_size, settings,
                                        progress=lambda done, total: counter.step())
-    else:
-        probs = crop(np.asarray(prediction, dtype=np.float32), box)
-    masks = probabilities_to_region_masks(torch.from_numpy(np.ascontiguousarray(probs))[None],
-                                          loaded.regions)[0].numpy()
-    decomposition = loaded.config.decomposition
-    return _Targets(masks, [decomposition.region_index(r) for _, r in pairs], "prediction")
+        if not resampled:
+            return _Targets(_region_masks(loaded, probs), channels, "prediction")
+        # The input-grid target is what predict_case paints: probabilities back, then > 0.5.
+        input_probs = np.clip(plan.to_input(probs), 0.0, 1.0)
+        return _Targets(_region_masks(loaded, probs), channels, "prediction",
+                        input_masks=_region_masks(loaded, input_probs))
+    probs = crop(np.asarray(prediction, dtype=np.float32), box)
+    if not resampled:
+        return _Targets(_region_masks(loaded, probs), channels, "prediction")
+    model_probs = np.clip(plan.to_model(probs, order=1), 0.0, 1.0)
+    return _Targets(_region_masks(loaded, model_probs), channels, "prediction",
+                    input_masks=_region_masks(loaded, probs))
+
+
+def _window_to_input(plan: SpacingPlan, window: Sequence[tuple[int, int]]
+                     ) -> tuple[tuple[int, int], ...]:
+    """A (start, stop) window of the model's grid as voxel edges of the cropped input grid."""
+    out = []
+    for (a, b), n, m, s, t in zip(window, plan.shape, plan.model_shape, plan.spacing,
+                                  plan.target, strict=True):
+        k = t / s  # input voxels per model voxel; both grids share their centre
+
+        def edge(e: int, n=n, m=m, k=k) -> int:
+            return int(round((n - 1) / 2 + 0.5 + (e - 0.5 - (m - 1) / 2) * k))
+
+        out.append((edge(a), edge(b)))
+    return tuple(out)
+
+
+def _centre_to_input(plan: SpacingPlan, centre: Sequence[float]) -> tuple[float, ...]:
+    return tuple((n - 1) / 2 + (c - (m - 1) / 2) * t / s
+                 for c, n, m, s, t in zip(centre, plan.shape, plan.model_shape, plan.spacing,
+                                          plan.target, strict=True))
+
+
+def _to_input_grid(plan: SpacingPlan, targets: _Targets, maps: list[_PairMaps]
+                   ) -> tuple[_Targets, list[_PairMaps]]:
+    """The maps and targets of a run on the model's grid, back on the cropped input grid."""
+    masks = targets.input_masks
+    back = []
+    for channel, pm in zip(targets.channels, maps, strict=True):
+        heat = np.clip(plan.to_input(pm.image_maps, order=1), 0.0, None)
+        window = _window_to_input(plan, pm.window) if pm.window is not None else None
+        target = (_paste(_extract(masks[channel], window), window, plan.shape)
+                  if window is not None else masks[channel])
+        centre = _centre_to_input(plan, pm.centre) if pm.centre is not None else None
+        back.append(_PairMaps(heat, pm.level_maps, window, centre, target))
+    return _Targets(masks, targets.channels, targets.source), back
 
 
 @dataclass
@@ -549,7 +623,8 @@ def explain_case(
         pairs: (segmentor, region) pairs, a ``parse_pairs`` string, or None for every pair.
         settings: where the windows run (the volume stays on the CPU) and the sliding-window
             overlap of ``mode="sliding"`` and of the prediction; ``mirror`` is not used and the
-            explained network is never fused (Grad-CAM needs each segmentor's gates).
+            explained network is never fused (Grad-CAM needs each segmentor's gates);
+            ``native_spacing`` as for the prediction (see the module docstring, "Spacing").
         target_mask: a user ROI (boolean, the image grid in canonical order): y^k sums the region
             logit over it instead of over the predicted region.
         mode: ``"roi"`` (one window centred on the tumour) or ``"sliding"`` (every window,
@@ -581,23 +656,28 @@ def explain_case(
     patch = tuple(loaded.config.patch_size)
     pre = preprocess_image(case.image, case.modalities,
                            pet_method=loaded.info.normalisation.get("pet_method", "log"))
-    cropped_shape = pre.image.shape[1:]
+    # The model's spacing: the same plan as predict_case (identity at the model's own spacing).
+    plan = spacing_plan(loaded, case, pre.box.shape, settings)
+    image = plan.to_model(pre.image)
+    model_shape = image.shape[1:]
 
     need_prediction = target_mask is None and prediction is None
-    n_pred = count_windows(cropped_shape, patch, settings.overlap) if need_prediction else 0
-    n_cam = len(pairs) if mode == "roi" else count_windows(cropped_shape, patch, settings.overlap)
+    n_pred = count_windows(model_shape, patch, settings.overlap) if need_prediction else 0
+    n_cam = len(pairs) if mode == "roi" else count_windows(model_shape, patch, settings.overlap)
     counter = _Counter(n_pred + n_cam, progress)
-    targets = _targets(loaded, pre.image, pre.box, pairs, target_mask, prediction, settings,
-                       counter)
+    targets = _targets(loaded, image, pre.box, pairs, target_mask, prediction, settings,
+                       counter, plan)
 
     num_messages = decomposition.num_tasks - 1
     if mode == "roi":
         window = patch if roi_size is None else (roi_size,) * len(patch)
-        maps = _explain_roi(model, pre.image, targets, pairs, window, dev, num_messages, counter,
+        maps = _explain_roi(model, image, targets, pairs, window, dev, num_messages, counter,
                             decomposition, method)
     else:
-        maps = _explain_sliding(model, pre.image, targets, pairs, patch, dev, num_messages,
+        maps = _explain_sliding(model, image, targets, pairs, patch, dev, num_messages,
                                 counter, settings.overlap, method)
+    if plan.resampled:
+        targets, maps = _to_input_grid(plan, targets, maps)
     return _assemble(model, decomposition, case, pre.box, pairs, targets, maps, mode=mode,
                      method=method, extent=extent, margin_mm=margin_mm)
 

@@ -1,7 +1,18 @@
 """Whole-case inference: sliding windows with Gaussian weighting, optional mirroring, un-cropping,
 labels in the dataset's convention written with the input's affine and header.
 
-How windows run (overlap, mirroring, device, fusion, bf16) is one :class:`InferenceSettings`.
+How windows run (overlap, mirroring, device, fusion, bf16, native spacing) is one
+:class:`InferenceSettings`.
+
+Spacing (nnU-Net): a model that records a target spacing (``CheckpointInfo.spacing``) runs on
+every case at that spacing. :func:`predict_case` crops and normalises the case on its own grid,
+resamples the image to the model's spacing (cubic) when the case's spacing differs by more than
+:data:`~ciml_core.data.preprocess.SPACING_TOLERANCE`, runs the windows there, and resamples the
+*probabilities* (linear) back onto the cropped input grid before thresholding, nesting and
+un-cropping, so that labels and probabilities lie exactly on the case's own grid. A case already
+at the model's spacing is not resampled at all; ``InferenceSettings(native_spacing=True)`` never
+resamples.
+
 The volume and the accumulators stay on the CPU while each window runs on the settings' device
 (the GPU when there is one), so a 240x240x155 case fits any card. ``progress`` is called after
 every window; raising :class:`~ciml_core.errors.Cancelled` from it stops the run cleanly, which
@@ -24,7 +35,13 @@ from ciml_core.checkpoint import LoadedModel
 from ciml_core.data.dataset import LoadedCase
 from ciml_core.data.labels import LABEL_CONVENTIONS, get_convention, regions_to_labels
 from ciml_core.data.nifti import write_like
-from ciml_core.data.preprocess import nonzero_bbox, preprocess_image, uncrop
+from ciml_core.data.preprocess import (
+    SpacingPlan,
+    nonzero_bbox,
+    plan_spacing,
+    preprocess_image,
+    uncrop,
+)
 from ciml_core.errors import ConfigError, InputDataError
 from ciml_core.io import output_path, refuse_existing
 from ciml_core.model import (
@@ -61,6 +78,9 @@ class InferenceSettings:
             ``benchmarks/speed.py``).
         bf16: bfloat16 autocast for the windows; None: on CUDA only (on a CPU with AVX512-BF16
             it is faster too, at a small accuracy cost, docs/training.md).
+        native_spacing: run every case at its own voxel spacing even when the model records
+            the spacing it was trained at (default False: a case of another spacing is
+            resampled to the model's and the outputs back, see :func:`predict_case`).
     """
 
     overlap: float = 0.5
@@ -68,6 +88,7 @@ class InferenceSettings:
     device: str | torch.device = "auto"
     fused: bool = True
     bf16: bool | None = None
+    native_spacing: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "overlap", check_overlap(self.overlap))
@@ -191,12 +212,24 @@ def input_warnings(case: LoadedCase, loaded: LoadedModel | None = None) -> list[
 
 @dataclass
 class CasePrediction:
-    """Full-grid results of one case, canonical voxel order."""
+    """Full-grid results of one case, canonical voxel order (``label`` and ``probabilities``
+    always on the case's own grid; ``spacing`` says the voxel size the network ran at)."""
 
     case_id: str
     label: np.ndarray  # uint8, dataset convention
     probabilities: np.ndarray  # (R, *spatial) float32
     regions: tuple[str, ...]
+    spacing: SpacingPlan | None = None  # how the case met the model's spacing
+
+
+def spacing_plan(loaded: LoadedModel, case: LoadedCase, cropped_shape: Sequence[int],
+                 settings: InferenceSettings | None = None) -> SpacingPlan:
+    """How ``case`` (cropped to ``cropped_shape``) meets ``loaded``'s target spacing: resampled
+    to it unless the model records none, ``settings.native_spacing`` is set or the case is
+    already at it (within :data:`~ciml_core.data.preprocess.SPACING_TOLERANCE`)."""
+    settings = settings or InferenceSettings()
+    target = None if settings.native_spacing else loaded.info.spacing
+    return plan_spacing(cropped_shape, case.spacing, target)
 
 
 def fitting_convention(name: str | None, regions: Sequence[str]) -> str | None:
@@ -230,6 +263,16 @@ def predict_case(
     """Preprocess, predict, threshold, nest (ET in TC in WT, by ``nesting``: see
     :func:`~ciml_core.model.probabilities_to_region_masks`), map to labels and un-crop one case.
 
+    Spacing: the case is cropped and normalised on its own grid (normalising first, as nnU-Net
+    v2 does, keeps the z-score statistics and the zero background exactly those of the scan;
+    resampled zeros would blur the brain mask), then resampled (cubic) to the model's target
+    spacing when it records one that the case's differs from (:func:`spacing_plan`); the
+    windows run there and the per-region *probabilities* are resampled back (linear) onto the
+    cropped input grid before they are thresholded and nested. Thresholding interpolated
+    probabilities gives smooth, sub-voxel-accurate boundaries where nearest-neighbour upsampling
+    of a coarse label map would give staircases and lose thin structures (the enhancing rim),
+    and it is what nnU-Net does. The outputs are always on the case's own grid.
+
     ``label_convention``: the labels to write (e.g. the dataset's: BraTS 2023 paints ET as 3,
     BraTS 2020 as 4); None: the convention the model was trained with. It must name the
     model's regions (:func:`output_convention`)."""
@@ -241,8 +284,10 @@ def predict_case(
         )
     pre = preprocess_image(case.image, case.modalities,
                            pet_method=loaded.info.normalisation.get("pet_method", "log"))
-    probs = sliding_window_predict(loaded.model, pre.image, loaded.config.patch_size, settings,
-                                   progress=progress)
+    plan = spacing_plan(loaded, case, pre.box.shape, settings)
+    probs = sliding_window_predict(loaded.model, plan.to_model(pre.image),
+                                   loaded.config.patch_size, settings, progress=progress)
+    probs = np.clip(plan.to_input(probs), 0.0, 1.0) if plan.resampled else probs
     masks = probabilities_to_region_masks(torch.from_numpy(probs)[None], loaded.regions,
                                           nesting=nesting)[0].numpy()
     order = [loaded.regions.index(r) for r in conv.region_names]
@@ -252,6 +297,7 @@ def predict_case(
         label=uncrop(label, pre.box, fill=0),
         probabilities=uncrop(probs.astype(np.float32), pre.box, fill=0.0),
         regions=loaded.regions,
+        spacing=plan,
     )
 
 

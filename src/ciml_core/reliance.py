@@ -32,7 +32,7 @@ from ciml_core.data.dataset import LoadedCase
 from ciml_core.data.labels import get_convention, labels_to_regions
 from ciml_core.data.preprocess import crop, preprocess_image
 from ciml_core.errors import ConfigError, InputDataError
-from ciml_core.infer import InferenceSettings, sliding_window_predict
+from ciml_core.infer import InferenceSettings, sliding_window_predict, spacing_plan
 from ciml_core.metrics import dice
 from ciml_core.model import CIMLNetwork
 
@@ -73,7 +73,9 @@ def modality_reliance(loaded: LoadedModel, case: LoadedCase,
                       settings: InferenceSettings | None = None) -> list[RelianceRow]:
     """Measure one labelled case under every condition (see the module docstring).
     ``settings``: how the windows run (None: the defaults; with messages off the network is
-    never fused, the switch lives in the unfused segmentors)."""
+    never fused, the switch lives in the unfused segmentors). The windows run at the model's
+    target spacing as in :func:`~ciml_core.infer.predict_case` (the conditions are applied to
+    the resampled image, the probabilities come back to the case's grid before scoring)."""
     settings = settings or InferenceSettings()
     if not isinstance(loaded.model, CIMLNetwork) or loaded.model.config.gate_switches is None:
         raise ConfigError(f"modality reliance needs a CIML network with messages; "
@@ -85,16 +87,18 @@ def modality_reliance(loaded: LoadedModel, case: LoadedCase,
                              f"expects {list(loaded.modalities)}")
     decomposition = loaded.config.decomposition
     pre = preprocess_image(case.image, case.modalities)
+    plan = spacing_plan(loaded, case, pre.box.shape, settings)
+    model_image = plan.to_model(pre.image)
     conv = get_convention(loaded.info.label_convention)
     truth = crop(labels_to_regions(case.label, conv), pre.box)
     truth = {r: truth[conv.region_names.index(r)] for r in decomposition.regions}
 
-    conditions: list[tuple[str, np.ndarray, bool]] = [(INTACT, pre.image, False)]
+    conditions: list[tuple[str, np.ndarray, bool]] = [(INTACT, model_image, False)]
     for m, modality in enumerate(decomposition.modalities):
-        image = pre.image.copy()
+        image = model_image.copy()
         image[m] = 0.0
         conditions.append((f"zero:{modality}", image, False))
-    conditions.append((NO_MESSAGES, pre.image, True))
+    conditions.append((NO_MESSAGES, model_image, True))
 
     rows = []
     for condition, image, no_messages in conditions:
@@ -105,6 +109,7 @@ def modality_reliance(loaded: LoadedModel, case: LoadedCase,
         else:
             probs = sliding_window_predict(loaded.model, image, loaded.config.patch_size,
                                            settings, per_head=True)
+        probs = plan.to_input(probs)
         channel = 0
         for task in decomposition.tasks:
             name = "+".join(task.primary)
