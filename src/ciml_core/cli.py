@@ -566,7 +566,7 @@ def _inference_settings(args: argparse.Namespace, **changes):
     :func:`_inference_options` (or only ``--device``) gave."""
     from ciml_core.infer import InferenceSettings
 
-    given = {"device": args.device}
+    given = {"device": args.device, "native_spacing": getattr(args, "native_spacing", False)}
     if hasattr(args, "overlap"):
         given.update(overlap=args.overlap, mirror=args.tta, bf16=True if args.bf16 else None)
     return InferenceSettings(**{**given, **changes})
@@ -588,7 +588,15 @@ def _inference_options(p: argparse.ArgumentParser) -> None:
                         "AVX512-BF16/AMX, probabilities differ by ~1e-2 (docs/performance.md)")
     p.add_argument("--overlap", type=overlap_fraction, default=defaults["overlap"],
                    help=f"sliding-window overlap (default {defaults['overlap']})")
+    _native_spacing_option(p)
     _device_option(p, defaults["device"])
+
+
+def _native_spacing_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--native-spacing", action="store_true",
+                   help="run each case at its own voxel spacing (default: a case whose spacing "
+                   "differs from the model's recorded target spacing is resampled to it and the "
+                   "outputs back to the case's grid; models without one always run natively)")
 
 
 def _model_option(p: argparse.ArgumentParser) -> None:
@@ -747,6 +755,7 @@ def _add_explain(sub, parents: dict) -> None:
         "Fig. 16) and <case>_weights.png (Fig. 18). See docs/interpretability.md.",
     )
     p.add_argument("case", metavar="CASE", help="a case folder of any supported layout")
+    _native_spacing_option(p)
     p.add_argument("--pairs", default="all",
                    help="'all' (default) or a comma-separated list such as FLAIR:WT,T1CE:ET")
     p.add_argument("--mode", default=MODES[0], choices=MODES,
