@@ -11,6 +11,7 @@ import torch
 from napari.utils import notifications
 from qtpy.QtCore import QObject, Signal
 from qtpy.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QFormLayout,
     QHBoxLayout,
@@ -165,6 +166,31 @@ def add_device_row(form: QFormLayout) -> tuple[QComboBox, QLabel]:
     form.addRow("Device", combo)
     form.addRow("", label)
     return combo, label
+
+
+NATIVE_SPACING_TEXT = "Run at native spacing"
+
+
+def add_native_spacing_row(form: QFormLayout) -> QCheckBox:
+    """The "Run at native spacing" checkbox (off: a case is resampled to the model's target
+    spacing and the results back, as ``InferenceSettings.native_spacing`` says)."""
+    check = QCheckBox(NATIVE_SPACING_TEXT)
+    check.setChecked(False)
+    check.setToolTip("Off (default): a case whose voxel spacing differs from the spacing the "
+                     "model was trained at is resampled to it, and the results back onto the "
+                     "image grid. On: run on the image's own voxels (models that record no "
+                     "spacing always do).")
+    form.addRow(check)
+    return check
+
+
+def spacing_summary(spacing) -> str:
+    """How the model treats voxel spacing, for a model summary line."""
+    from ciml_core.data.preprocess import format_spacing
+
+    if spacing is None:
+        return "spacing not recorded (runs at native spacing)"
+    return f"trained at {format_spacing(spacing)}"
 
 
 def fill_combo(combo: QComboBox, names: list[str], current: str | None, *,

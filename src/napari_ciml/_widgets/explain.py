@@ -27,7 +27,7 @@ from qtpy.QtWidgets import (
     QVBoxLayout,
 )
 
-from ciml_core.checkpoint import read_checkpoint_config
+from ciml_core.checkpoint import document_spacing, read_checkpoint_config
 from ciml_core.data.dataset import LoadedCase
 from ciml_core.data.nifti import NiftiSource
 from ciml_core.errors import InputDataError
@@ -41,11 +41,13 @@ from napari_ciml._widgets._common import (
     USER_ERRORS,
     JobWidget,
     add_device_row,
+    add_native_spacing_row,
     combo_value,
     fill_combo,
     notify_error,
     notify_info,
     replace_or_add_layer,
+    spacing_summary,
 )
 
 ALL_PAIRS = "all"
@@ -141,6 +143,7 @@ class ExplainWidget(JobWidget):
                                    "window of the volume, stitched (slow)")
         form.addRow("Window", self.mode_combo)
         self.device_combo, self.device_reason = add_device_row(form)
+        self.native_check = add_native_spacing_row(form)
         self.colormap_combo = QComboBox()
         self.colormap_combo.addItems(COLORMAPS)
         self.colormap_combo.currentTextChanged.connect(self._restyle)
@@ -177,7 +180,7 @@ class ExplainWidget(JobWidget):
         self.model_label.setText(
             f"Model: {'bundled demo' if ref == 'demo' else ref} "
             f"(sha256 {document['weights_sha256'][:12]}); modalities "
-            f"{', '.join(document['modalities'])}")
+            f"{', '.join(document['modalities'])}; {spacing_summary(document_spacing(document))}")
 
     def refresh_layers(self) -> None:
         from napari.layers import Labels
@@ -237,7 +240,8 @@ class ExplainWidget(JobWidget):
         self._context = _ExplainContext(case, case.reference, tuple(first.scale),
                                         tuple(first.translate), time.perf_counter(), device)
         self.status_label.setText(f"Grad-CAM of {choice} on {case.case_id} ({device})…")
-        settings, mode = InferenceSettings(device=device), self.mode_combo.currentText()
+        settings = InferenceSettings(device=device, native_spacing=self.native_check.isChecked())
+        mode = self.mode_combo.currentText()
 
         def work(loaded, progress) -> list[Any]:
             return explain_case(loaded, case, pairs, settings, target_mask=target_mask,

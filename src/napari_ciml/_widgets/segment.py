@@ -50,6 +50,7 @@ from napari_ciml._widgets._common import (
     USER_ERRORS,
     JobWidget,
     add_device_row,
+    add_native_spacing_row,
     combo_value,
     fill_combo,
     find_layer,
@@ -137,6 +138,7 @@ class SegmentWidget(JobWidget):
         options.addRow("Overlap", self.overlap_spin)
         self.tta_check = QCheckBox("Test-time mirroring (8× slower)")
         options.addRow(self.tta_check)
+        self.native_check = add_native_spacing_row(options)
         self.prob_check = QCheckBox("Probability layers (one per region)")
         options.addRow(self.prob_check)
         self.keep_check = QCheckBox("Keep previous result (add a new layer)")
@@ -237,7 +239,8 @@ class SegmentWidget(JobWidget):
             case = case_from_layers(self.viewer.layers, mapping, self.modalities)
             device = str(resolve_device(self.device))
             settings = InferenceSettings(overlap=float(self.overlap_spin.value()),
-                                         mirror=self.tta_check.isChecked(), device=device)
+                                         mirror=self.tta_check.isChecked(), device=device,
+                                         native_spacing=self.native_check.isChecked())
         except USER_ERRORS as err:
             self.last_error = str(err)
             notify_error(err)
@@ -267,9 +270,11 @@ class SegmentWidget(JobWidget):
     def _result_shown(self) -> None:
         ctx, (loaded, prediction) = self._context, self._result
         self._result = None
+        plan = prediction.spacing
+        spacing = f", {plan.describe()}" if plan is not None else ""
         self.status_label.setText(
             f"{prediction.case_id}: labels {sorted(np.unique(prediction.label).tolist())} in "
-            f"{time.perf_counter() - ctx.started:.1f} s (model sha256 "
+            f"{time.perf_counter() - ctx.started:.1f} s{spacing} (model sha256 "
             f"{loaded.weights_sha256[:12]})")
 
     # ------------------------------------------------------------------ layers
