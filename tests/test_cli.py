@@ -28,7 +28,7 @@ def test_phantom_help_names_options(capsys):
     with pytest.raises(SystemExit):
         main(["phantom", "--help"])
     out = capsys.readouterr().out
-    for option in ("--kind", "--cases", "--out", "--seed", "--shape", "{brats,shapes,petct}"):
+    for option in ("--kind", "--cases", "--out", "--seed", "--shape", "{brats,shapes,petct,brain}"):
         assert option in out
 
 

@@ -167,3 +167,25 @@ def test_ddp_one_rank_preprocesses_and_validation_is_split(phantoms, tmp_path):
     assert len(rank0["val_cases"]) >= 2  # both ranks had a case to validate
     for region, value in rank0["single_rank_val"].items():
         assert rank0["distributed_val"][region] == pytest.approx(value, abs=1e-12)
+
+
+def test_train_resamples_to_the_median_spacing_or_the_given_one_and_records_it(phantoms,
+                                                                              tmp_path):
+    tiny = ["--epochs", "1", "--iters-per-epoch", "1", "--patch", "32", "--batch", "1",
+            "--width", "2", "--workers", "0", "--device", "cpu", "--fold", "-1",
+            "--bn-recalibration", "0"]
+    native = load_case(discover_cases(phantoms)[0], MODALITIES).spacing  # 4 mm at 48x48x32
+    assert main(["train", str(phantoms), "--out", str(tmp_path / "median"), *tiny]) == 0
+    doc = json.loads((tmp_path / "median" / "best" / "config.json").read_text())
+    assert doc["target_spacing"] == list(native)
+    assert main(["train", str(phantoms), "--out", str(tmp_path / "coarse"), *tiny,
+                 "--spacing", *(str(2 * s) for s in native)]) == 0
+    doc = json.loads((tmp_path / "coarse" / "best" / "config.json").read_text())
+    assert doc["target_spacing"] == [2 * s for s in native]
+    metas = [json.loads(p.read_text()) for p in (tmp_path / "coarse").glob("cache/*/*/meta.json")]
+    fine = [json.loads(p.read_text()) for p in (tmp_path / "median").glob("cache/*/*/meta.json")]
+    assert len(metas) == N and all(m["spacing"] == [2 * s for s in native] for m in metas)
+    by_id = {m["case_id"]: m["shape"] for m in fine}
+    for m in metas:  # half the voxels along each axis (the field of view kept)
+        assert all(abs(a - b / 2) <= 1 for a, b in zip(m["shape"][1:], by_id[m["case_id"]][1:],
+                                                       strict=True))

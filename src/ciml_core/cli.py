@@ -691,6 +691,9 @@ def _add_train(sub, parents: dict) -> None:
     p.add_argument("--workers", type=nonnegative_int, help="DataLoader worker processes")
     p.add_argument("--preprocess-workers", type=positive_int,
                    help="processes that build the preprocessed cache (default 1)")
+    p.add_argument("--spacing", type=positive_float, nargs=3, metavar=("X", "Y", "Z"),
+                   help="target voxel size in mm (canonical RAS+ axes) every case is resampled "
+                   "to and the model records (default: the median of the training cases)")
     p.add_argument("--no-augment", action="store_true", help="turn the augmentations off")
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
     _add_training_additions(p)

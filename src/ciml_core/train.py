@@ -46,11 +46,13 @@ from ciml_core.data.cache import (
     CacheReport,
     PreparedCase,
     PreprocessSettings,
+    case_spacing,
     prepare_cases,
     wait_for_cases,
 )
 from ciml_core.data.layouts import DEFAULT_LABEL_CONVENTION, discover_cases
 from ciml_core.data.patches import PatchDataset
+from ciml_core.data.preprocess import target_spacing
 from ciml_core.data.splits import fold_cases, load_or_make_splits
 from ciml_core.errors import ConfigError, InputDataError
 from ciml_core.infer import InferenceSettings, sliding_window_predict
@@ -71,7 +73,8 @@ from ciml_core.runtime import DistContext, barrier, cleanup, setup_distributed, 
 SCHEDULE_KEYS = ("epochs", "iters_per_epoch", "patch", "batch", "width", "variant", "beta",
                  "norm", "seed", "fold", "lr", "weight_decay", "decomposition",
                  "region_weighting", "message_dropout", "warmup_epochs", "beta_ramp_epochs",
-                 "et_oversampling", "region_sampling", "bn_recalibration", "augment", "init")
+                 "et_oversampling", "region_sampling", "bn_recalibration", "augment", "init",
+                 "spacing")
 
 
 @dataclass
@@ -104,6 +107,7 @@ class TrainConfig:
     region_sampling: list[float] | None = None  # explicit weight per region (overrides the above)
     bn_recalibration: int = 16  # batches to recompute batch-norm statistics (z = mu) with
     init: str | None = None  # start from this checkpoint's weights (fine-tuning)
+    spacing: list[float] | None = None  # target spacing (mm); None: median of the cases (nnU-Net)
     device: str = "auto"
     seed: int = 0
     val_every: int = 5
@@ -197,7 +201,12 @@ def _prepare_data(cfg: TrainConfig, ctx: DistContext) -> tuple:
     splits = load_or_make_splits(cfg.out / "splits.json", [c.case_id for c in cases])
     train_ids, val_ids = fold_cases(splits, cfg.fold)
     by_id = {c.case_id: c for c in cases}
-    settings = PreprocessSettings(decomposition.modalities, decomposition.regions, convention)
+    # nnU-Net: every case is resampled to one target spacing (the cases' median unless given),
+    # which the checkpoint records so that inference resamples to it too.
+    spacing = (tuple(float(v) for v in cfg.spacing) if cfg.spacing is not None
+               else target_spacing([case_spacing(by_id[i]) for i in train_ids or list(by_id)]))
+    settings = PreprocessSettings(decomposition.modalities, decomposition.regions, convention,
+                                  spacing=spacing)
     if ctx.is_main:  # one process preprocesses; the others poll for its completion marker
         cases_prepared, report = prepare_cases(list(by_id.values()), settings, cfg.out / "cache",
                                                workers=cfg.preprocess_workers, progress=True)
@@ -206,7 +215,7 @@ def _prepare_data(cfg: TrainConfig, ctx: DistContext) -> tuple:
         report = None
     prepared = {p.case_id: p for p in cases_prepared}
     return (decomposition, convention, [prepared[i] for i in train_ids],
-            [prepared[i] for i in val_ids], str(data), report)
+            [prepared[i] for i in val_ids], str(data), report, spacing)
 
 
 def foreground_region_weights(cfg: TrainConfig, regions: tuple[str, ...]) -> list[float] | None:
@@ -466,7 +475,8 @@ def _setup(cfg: TrainConfig, ctx: DistContext) -> _Run:
         atomic_write_text(cfg.out / "train_config.json", json.dumps(cfg.to_dict(), indent=2) + "\n",
                           overwrite=True)
 
-    decomposition, convention, train_cases, val_cases, data_desc, report = _prepare_data(cfg, ctx)
+    (decomposition, convention, train_cases, val_cases, data_desc, report,
+     spacing) = _prepare_data(cfg, ctx)
     patch = (cfg.patch,) * 3
     dataset = PatchDataset(
         train_cases, patch, length=cfg.iters_per_epoch * cfg.batch * ctx.world_size,
@@ -496,7 +506,7 @@ def _setup(cfg: TrainConfig, ctx: DistContext) -> _Run:
     net = DistributedDataParallel(model) if ctx.enabled else model
     if cfg.compile:
         net = torch.compile(net)
-    info = CheckpointInfo(label_convention=convention,
+    info = CheckpointInfo(label_convention=convention, spacing=spacing,
                           training={"config": cfg.to_dict(), "data": data_desc,
                                     "train_cases": [c.case_id for c in train_cases],
                                     "val_cases": [c.case_id for c in val_cases],

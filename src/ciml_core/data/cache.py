@@ -40,7 +40,7 @@ import numpy as np
 from ciml_core.data.dataset import load_case
 from ciml_core.data.labels import get_convention, labels_to_regions
 from ciml_core.data.layouts import CaseFiles
-from ciml_core.data.preprocess import crop, nonzero_bbox, preprocess_image
+from ciml_core.data.preprocess import crop, plan_spacing, preprocess_image, resample_labels
 from ciml_core.errors import ConfigError, InputDataError
 from ciml_core.io import atomic_write_text, dir_output, make_dirs
 
@@ -97,16 +97,19 @@ def region_targets(label: np.ndarray, convention: str, regions: Sequence[str]) -
     return masks[[conv.region_names.index(r) for r in regions]].astype(np.uint8)
 
 
-def _resample(image: np.ndarray, masks: np.ndarray, spacing: Sequence[float],
-              target: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-    """Images (cubic) and region masks (linear, then > 0.5) from ``spacing`` to ``target``."""
-    from ciml_core.data.preprocess import resample_to_spacing
+def case_spacing(case: CaseFiles) -> tuple[float, ...]:
+    """A case's voxel size (mm, canonical RAS+ axes) from its first image's header; no voxel data
+    is read, so the spacings of a whole dataset cost seconds (for :func:`target_spacing`)."""
+    import nibabel as nib
 
-    affine = np.diag([*map(float, spacing), 1.0])
-    image = np.stack([resample_to_spacing(c, affine, target, order=3)[0] for c in image])
-    masks = np.stack([resample_to_spacing(m.astype(np.float32), affine, target, order=1)[0] > 0.5
-                      for m in masks]).astype(np.uint8)
-    return image.astype(np.float32), masks
+    from ciml_core.data.nifti import NiftiSource
+
+    path = next(iter(case.images.values()))
+    try:
+        img = nib.load(str(path))
+        return NiftiSource.from_affine(img.shape, img.affine, path).spacing
+    except Exception as err:  # noqa: BLE001 - any unreadable header, named with its file
+        raise InputDataError(f"{path}: cannot read the NIfTI header ({err})") from err
 
 
 def _build_case(case: CaseFiles, settings: PreprocessSettings, folder: Path) -> float:
@@ -116,15 +119,15 @@ def _build_case(case: CaseFiles, settings: PreprocessSettings, folder: Path) -> 
     loaded = load_case(case, settings.modalities, label_convention=settings.convention,
                        require_label=True)
     masks = region_targets(loaded.label, settings.convention, settings.regions)
-    image = loaded.image
-    if settings.spacing is not None and not np.allclose(loaded.spacing, settings.spacing,
-                                                        rtol=0.02):
-        # nnU-Net's order: crop to the imaged region first (less to resample), then resample.
-        box = nonzero_bbox(image)
-        image, masks = _resample(crop(image, box), crop(masks, box), loaded.spacing,
-                                 settings.spacing)
-    pre = preprocess_image(image, settings.modalities, pet_method=settings.pet_method)
-    masks = np.ascontiguousarray(crop(masks, pre.box))
+    # The order predict_case uses: crop, normalise (the brain mask from the native voxels), then
+    # resample to the target spacing (images cubic, region masks one-hot linear).
+    pre = preprocess_image(loaded.image, settings.modalities, pet_method=settings.pet_method)
+    masks = crop(masks, pre.box)
+    plan = plan_spacing(pre.box.shape, loaded.spacing, settings.spacing)
+    image = plan.to_model(pre.image)
+    if plan.resampled:
+        masks = resample_labels(masks, plan.spacing, plan.target, shape=plan.model_shape)
+    masks = np.ascontiguousarray(masks)
     rng = np.random.default_rng(0)
     fg = {}
     for i, mask in enumerate(masks):
@@ -133,13 +136,13 @@ def _build_case(case: CaseFiles, settings: PreprocessSettings, folder: Path) -> 
             coords = coords[rng.choice(len(coords), MAX_FOREGROUND_SAMPLES, replace=False)]
         fg[f"fg{i}"] = coords.astype(np.int32)
     with dir_output(folder / case.case_id, overwrite=True) as tmp:
-        np.save(tmp / "image.npy", np.ascontiguousarray(pre.image, dtype=np.float32))
+        np.save(tmp / "image.npy", np.ascontiguousarray(image, dtype=np.float32))
         np.save(tmp / "regions.npy", masks)
         np.savez(tmp / "foreground.npz", **fg)
         seconds = time.perf_counter() - t0
         (tmp / "meta.json").write_text(json.dumps(
-            {"case_id": case.case_id, "shape": list(pre.image.shape), "seconds": round(seconds, 3),
-             "spacing": list(map(float, settings.spacing or loaded.spacing)),
+            {"case_id": case.case_id, "shape": list(image.shape), "seconds": round(seconds, 3),
+             "spacing": list(map(float, plan.target)),
              "pid": os.getpid(), "rank": int(os.environ.get("RANK", "0"))}) + "\n")
     return seconds
 
