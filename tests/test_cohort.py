@@ -14,7 +14,9 @@ from ciml_core.data.layouts import discover_cases
 from ciml_core.errors import InputDataError
 from ciml_core.infer import InferenceSettings
 
-CPU = InferenceSettings(device="cpu")
+# Native spacing: the 48x48x32 phantoms (4 mm) run as one window each instead of being resampled
+# to the demo's 2 mm; what is tested here is the loop around predict_case.
+CPU = InferenceSettings(device="cpu", native_spacing=True)
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +78,10 @@ def test_a_bad_case_stops_the_cohort_after_writing_the_cases_before_it(cohort, d
 
 def test_cli_reports_cases_per_hour_and_no_prefetch_gives_the_same_labels(cohort, tmp_path,
                                                                            capsys):
-    assert main(["predict", str(cohort), "--out", str(tmp_path / "a"), "--device", "cpu"]) == 0
+    assert main(["predict", str(cohort), "--out", str(tmp_path / "a"), "--device", "cpu",
+                 "--native-spacing"]) == 0
     printed = capsys.readouterr().out
     assert "3 case(s) in" in printed and "cases/hour" in printed
     assert main(["predict", str(cohort), "--out", str(tmp_path / "b"), "--device", "cpu",
-                 "--no-prefetch"]) == 0
+                 "--native-spacing", "--no-prefetch"]) == 0
     assert digests(tmp_path / "a") == digests(tmp_path / "b")
