@@ -1,8 +1,9 @@
 """Speed and memory of CIML against an early-fusion DynUNet at matched FLOPs, measured in one run.
 
     python benchmarks/speed.py [--device cpu|cuda] [--patch 64] [--widths 8 16] [--quick]
+    python benchmarks/speed.py --train-only [--widths 8 16] [--train-compile]
 
-Four parts, all in this one run:
+Four parts, all in this one run (``--train-only``: part 3 alone, a few minutes):
 
 1. ``layers``: one convolution of the T = 4 segmentors at each resolution level, run as T convs
    and as one grouped conv (``groups=T``) - why ``GroupedCIMLNetwork`` fuses from P/2 down only.
@@ -10,7 +11,11 @@ Four parts, all in this one run:
    unfused, CIML fused and the FLOP-matched DynUNet, each plain (fp32, inference_mode) and with
    one speed option: ``no_grad`` instead of inference_mode, bf16 autocast, channels_last_3d,
    torch.compile. Median of ``--repeats``. On CUDA every column runs in bf16 (as predict does).
-3. ``train``: one training step (forward + backward + Adam, batch 2), fp32 and bf16 autocast.
+3. ``train``: one training step (forward + backward + Adam, batch 2) of DynUNet, CIML unfused
+   and CIML fused (``ciml_core.model.fused.training_network``, what training runs), each fp32,
+   fp32 with channels_last_3d weights and input, and bf16 autocast (``--train-compile`` adds
+   torch.compile). The main table's train columns are the fused row's fused step and the
+   unfused row's unfused step; the training table has every option.
 4. ``case``: whole-case inference of a 240x240x155 4-modality phantom (sliding window, overlap
    0.5, batch 1, with and without 8-way mirroring) as ``predict_case`` runs it, with peak memory
    (RSS on CPU, ``torch.cuda.max_memory_allocated`` on GPU) and achieved GFLOP/s.
@@ -19,7 +24,8 @@ Every measurement runs in a fresh child process (peak memory is its own). FLOPs 
 torch.utils.flop_counter. Peak FLOP/s: on CPU, cores x max clock x FLOPs/cycle/core, where
 FLOPs/cycle is 64 with AVX-512 (two 16-lane fp32 FMA pipes, e.g. AMD Zen 4/5), 32 with
 AVX2+FMA, 8 otherwise; on CUDA the card's dense bf16 tensor-core peak. Both are nominal peaks.
-Prints Markdown tables; writes benchmarks/results/speed_<device>.json.
+Prints Markdown tables; writes benchmarks/results/speed_<device>.json (``--train-only``:
+speed_<device>_train.json).
 """
 
 from __future__ import annotations
@@ -51,10 +57,13 @@ from ciml_core.model import (
     flop_matched_width,
     window_flops,
 )
+from ciml_core.model.fused import training_network
 
 GPU_PEAK_TFLOPS_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 BRATS = ("flair", "t1", "t1ce", "t2")
 WINDOW_OPTIONS = ("plain", "no_grad", "bf16", "channels_last", "compile")
+#: How a training step can run: fp32, fp32 with channels_last_3d, bf16 autocast, torch.compile.
+TRAIN_OPTIONS = ("fp32", "channels_last", "bf16", "compile")
 
 
 # ------------------------------------------------------------------------------------ machine
@@ -171,29 +180,85 @@ def measure_window(config: ModelConfig, fused: bool, option: str, device: torch.
     return {"seconds": seconds, "compile_seconds": compile_seconds}
 
 
-def measure_train_step(config: ModelConfig, device: torch.device, steps: int, bf16: bool) -> dict:
+def measure_train_step(config: ModelConfig, device: torch.device, steps: int, option: str,
+                       fused: bool = False) -> dict:
+    """One optimiser step, batch 2: median of ``steps`` after two untimed ones (warm-up, FLOP
+    count). ``fused``: a CIML network runs as ``training_network(model)`` (FusedTrainingCIML);
+    ``option``: one of :data:`TRAIN_OPTIONS`."""
     torch.manual_seed(0)
     model = build_model(config).to(device).train()
-    loss_fn = CIMLLoss(config.decomposition)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     x = torch.randn(2, 4, *config.patch_size, device=device)
     y = (torch.rand(2, 3, *config.patch_size, device=device) > 0.8).float()
+    if option == "channels_last":
+        model = model.to(memory_format=torch.channels_last_3d)
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    net = training_network(model, fused=fused)
+    loss_fn = CIMLLoss(config.decomposition)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    compile_seconds = None
+    if option == "compile":
+        net = torch.compile(net)
+    bf16 = option == "bf16"
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = model(x)
+            out = net(x)
         loss, _ = loss_fn(out, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
+    t0 = time.perf_counter()
     step()
+    _sync(device)
+    if option == "compile":
+        compile_seconds = time.perf_counter() - t0
     with FlopCounterMode(display=False) as counter:
         step()
     flops = counter.get_total_flops()
     seconds = _median_seconds(step, device, steps)
     return {"seconds": seconds, "gflop": flops / 1e9, "gflops_per_s": flops / 1e9 / seconds,
-            "peak_mib": _peak_memory_mib(device)}
+            "peak_mib": _peak_memory_mib(device), "compile_seconds": compile_seconds}
+
+
+def measure_training(width: int, patch: int, device: str, steps: int, options: list[str]
+                     ) -> tuple[list[dict], list[str]]:
+    """The training table's rows for CIML C=``width`` (fused, unfused) and its FLOP-matched
+    DynUNet, every option in ``options``, each in a fresh process; and the ratios."""
+    ciml = config_for("full", width, patch)
+    dyn_width = flop_matched_width(ciml, "dynunet", norm="instance")
+    networks = [(f"DynUNet C={dyn_width}", config_for("dynunet", dyn_width, patch), False),
+                (f"CIML C={width} unfused", ciml, False), (f"CIML C={width} fused", ciml, True)]
+    rows = []
+    for name, config, fused in networks:
+        row = {"network": name, "variant": config.variant, "width": config.width,
+               "fused": fused, "train": {}}
+        for option in options:
+            row["train"][option] = isolated("train", config, device, steps=steps,
+                                            option=option, fused=fused)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    dyn, unfused, fused_row = (r["train"] for r in rows)
+
+    def ratio(a: dict, b: dict, option_a: str, option_b: str | None = None) -> str:
+        option_b = option_b or option_a
+        if option_a not in a or option_b not in b:
+            return "-"
+        return f"x{a[option_a]['seconds'] / b[option_b]['seconds']:.2f}"
+
+    ciml_name, dyn_name = f"CIML C={width}", f"DynUNet C={dyn_width}"
+    ratios = [
+        f"training step {ciml_name} fused / {dyn_name} (matched FLOPs): fp32 "
+        f"{ratio(fused_row, dyn, 'fp32')}, both channels_last {ratio(fused_row, dyn, 'channels_last')}"
+        f", both bf16 {ratio(fused_row, dyn, 'bf16')}"
+        + (f", both compiled {ratio(fused_row, dyn, 'compile')}" if "compile" in options else ""),
+        f"training step {ciml_name} unfused / {dyn_name}: fp32 {ratio(unfused, dyn, 'fp32')}, "
+        f"both channels_last {ratio(unfused, dyn, 'channels_last')}",
+        f"training step {ciml_name} fused / unfused: fp32 {ratio(fused_row, unfused, 'fp32')}, "
+        f"channels_last {ratio(fused_row, unfused, 'channels_last')}, "
+        f"bf16 {ratio(fused_row, unfused, 'bf16')}",
+    ]
+    return rows, ratios
 
 
 def measure_case(config: ModelConfig, device: torch.device, mirror: bool, fused: bool,
@@ -250,6 +315,37 @@ def report(result: dict) -> str:
     peak = result["peak_gflops"]
     out = [f"{result['machine']}, torch {result['torch']}, {result['threads']} threads; "
            f"peak {peak:.0f} GFLOP/s ({result['peak_how']})", ""]
+    if "layers" in result:
+        out += _main_tables(result)
+    if result.get("train_rows"):
+        out += _train_table(result)
+    for ratio in result["ratios"]:
+        out.append(f"- {ratio}")
+    return "\n".join(out)
+
+
+def _train_table(result: dict) -> list[str]:
+    peak = result["peak_gflops"]
+    options = [o for o in TRAIN_OPTIONS if any(o in r["train"] for r in result["train_rows"])]
+    out = [f"Training step (forward + backward + Adam, batch {result['train_batch']}, "
+           f"{result['patch']}^3), s (GFLOP/s, % peak):", "",
+           "| network | GFLOP/step | " + " | ".join(options) + " | peak memory fp32 (MiB) |",
+           "| --- | --- |" + " --- |" * len(options) + " --- |"]
+    for r in result["train_rows"]:
+        t = r["train"]
+        first = t[options[0]]
+        cells = [f"{t[o]['seconds']:.2f} ({t[o]['gflops_per_s']:.0f}, "
+                 f"{100 * t[o]['gflops_per_s'] / peak:.0f}%)" if o in t else "-" for o in options]
+        memory = f"{t['fp32']['peak_mib']:.0f}" if "fp32" in t else "-"
+        out.append(f"| {r['network']} | {first['gflop']:.1f} | " + " | ".join(cells)
+                   + f" | {memory} |")
+    out.append("")
+    return out
+
+
+def _main_tables(result: dict) -> list[str]:
+    peak = result["peak_gflops"]
+    out = []
     out += ["Layers (T=4 convs k3 / ConvTranspose k2 s2, batch 1), ms:", "",
             "| level | size | channels | conv: 4 separate | conv: grouped | up: 4 separate "
             "| up: grouped |", "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -284,9 +380,7 @@ def report(result: dict) -> str:
             + f"{c['seconds']:.1f} | " + (f"{tta['seconds']:.1f} | " if tta else "- | ")
             + f"{c['gflops_per_s']:.0f} ({100 * c['gflops_per_s'] / peak:.0f}%) | {memory} |")
     out.append("")
-    for ratio in result["ratios"]:
-        out.append(f"- {ratio}")
-    return "\n".join(out)
+    return out
 
 
 def main() -> None:
@@ -300,6 +394,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="skip the mirrored (TTA) whole case, the unfused whole case and "
                              "torch.compile")
+    parser.add_argument("--train-only", action="store_true",
+                        help="only the training table (DynUNet, CIML unfused and fused), "
+                             "written to speed_<device>_train.json")
+    parser.add_argument("--train-compile", action="store_true",
+                        help="add torch.compile training steps (minutes of compilation each)")
     parser.add_argument("--case-shape", type=int, nargs=3, default=[240, 240, 155])
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--report", metavar="JSON", help="only print the tables of a saved run")
@@ -308,17 +407,30 @@ def main() -> None:
         print(report(json.loads(Path(args.report).read_text())))
         return
     dev = args.device
+    train_options = [o for o in TRAIN_OPTIONS if o != "compile" or args.train_compile]
 
     peak, peak_how = gpu_peak_gflops() if dev == "cuda" else cpu_peak_gflops()
     result = {"device": dev, "patch": args.patch, "train_batch": 2, "overlap": 0.5,
               "case_shape": args.case_shape,
               "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
               "threads": len(os.sched_getaffinity(0)), "peak_gflops": peak, "peak_how": peak_how,
-              "layers": isolated("layers", None, dev, patch=args.patch, width=args.widths[0],
-                                 repeats=args.repeats),
-              "window": {}, "rows": [], "ratios": []}
+              "train_rows": [], "ratios": []}
     if dev == "cuda":
         result["gpu"] = torch.cuda.get_device_name()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.train_only:
+        for width in args.widths:
+            rows, ratios = measure_training(width, args.patch, dev, args.steps, train_options)
+            result["train_rows"] += rows
+            result["ratios"] += ratios
+        (out / f"speed_{dev}_train.json").write_text(json.dumps(result, indent=2) + "\n")
+        print()
+        print(report(result))
+        return
+
+    result.update(layers=isolated("layers", None, dev, patch=args.patch, width=args.widths[0],
+                                  repeats=args.repeats), window={}, rows=[])
     print(json.dumps(result["layers"]), flush=True)
     options = [o for o in WINDOW_OPTIONS if not (args.quick and o == "compile")]
     for width in args.widths:
@@ -326,6 +438,10 @@ def main() -> None:
         dyn_width = flop_matched_width(ciml, "dynunet", norm="instance")
         dyn = config_for("dynunet", dyn_width, args.patch)
         first = width == args.widths[0]
+        train_rows, train_ratios = measure_training(width, args.patch, dev, args.steps,
+                                                    train_options)
+        result["train_rows"] += train_rows
+        trained = {r["network"]: r["train"] for r in train_rows}
         networks = [(f"CIML C={width} fused", ciml, True), (f"CIML C={width} unfused", ciml, False),
                     (f"DynUNet C={dyn_width}", dyn, False)]
         for name, config, fused in networks:
@@ -340,9 +456,10 @@ def main() -> None:
                    "fused": fused, "gflop_per_window": window_flops(config) / 1e9,
                    "case": isolated("case", config, dev, mirror=False, fused=fused,
                                      shape=args.case_shape)}
-            if fused or name.startswith("DynUNet"):  # training does not fuse
-                row["train"] = isolated("train", config, dev, steps=args.steps, bf16=False)
-                row["train_bf16"] = isolated("train", config, dev, steps=args.steps, bf16=True)
+            # The fused row trains fused, the unfused row unfused (the training table).
+            row["train"] = trained[name]["fp32"]
+            if "bf16" in trained[name]:
+                row["train_bf16"] = trained[name]["bf16"]
             if first and not args.quick and (fused or name.startswith("DynUNet")):
                 row["case_tta"] = isolated("case", config, dev, mirror=True, fused=fused,
                                            shape=args.case_shape)
@@ -354,16 +471,14 @@ def main() -> None:
             f"CIML C={width} / DynUNet C={dyn_width} (matched FLOPs): whole case "
             f"x{a['case']['seconds'] / b['case']['seconds']:.2f}"
             + (f", with TTA x{a['case_tta']['seconds'] / b['case_tta']['seconds']:.2f}"
-               if "case_tta" in a and "case_tta" in b else "")
-            + f", training step x{a['train']['seconds'] / b['train']['seconds']:.2f}")
+               if "case_tta" in a and "case_tta" in b else ""))
         unfused = by_name.get(f"CIML C={width} unfused")
         if unfused:
             result["ratios"].append(
                 f"CIML C={width} fused / unfused: whole case "
                 f"x{a['case']['seconds'] / unfused['case']['seconds']:.2f}")
+        result["ratios"] += train_ratios
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / f"speed_{dev}.json").write_text(json.dumps(result, indent=2) + "\n")
     print()
     print(report(result))
