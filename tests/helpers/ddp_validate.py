@@ -27,10 +27,11 @@ if rank == 0:
     from ciml_core.data.cache import PreprocessSettings, wait_for_cases
     from ciml_core.model import ModelConfig
 
-    model_config = ModelConfig.from_dict(json.loads((out / "latest" / "config.json").read_text())
-                                         ["model"])
+    saved = json.loads((out / "latest" / "config.json").read_text())
+    model_config = ModelConfig.from_dict(saved["model"])
     settings = PreprocessSettings(model_config.decomposition.modalities,
-                                  model_config.decomposition.regions, "brats2020")
+                                  model_config.decomposition.regions, "brats2020",
+                                  spacing=tuple(saved["target_spacing"]))
     cases = wait_for_cases(info["val_cases"], settings, out / "cache", timeout=5)
     loaded = LoadedModel(result.model, model_config, None, out, "")
     single = DistContext(0, 1, 0, result.model.parameters().__next__().device)
