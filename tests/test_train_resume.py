@@ -2,6 +2,7 @@
 during validation) and resumed, in its own folder or a copy of it, ends with bit-identical
 weights, optimiser state and learning rates to the run that was never stopped."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -150,3 +151,42 @@ def test_metrics_log_has_one_line_per_epoch_after_interruptions(reference, data,
     train(resume_config(out, device="cpu", workers=0))
     epochs = [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1, 2, 3]
+
+
+def test_augmentations_on_the_device_resume_bit_identically(data, tmp_path):
+    # the batch augmentations are seeded by (seed, epoch, step, rank), not by a global stream
+    def config(out: Path, **kw) -> TrainConfig:
+        cfg = _config(out, data, "full")
+        cfg.augment_on_device = True
+        return dataclasses.replace(cfg, **kw)
+
+    train(config(tmp_path / "ref"))
+    with pytest.raises(TrainingInterrupted):
+        train(config(tmp_path / "run"), hook=_signal_at(signal.SIGINT, "step", 1, 2))
+    train(resume_config(tmp_path / "run", device="cpu", workers=0))
+    _assert_identical(tmp_path / "run", tmp_path / "ref")
+    # and they do augment: without any augmentation the same run ends elsewhere
+    train(config(tmp_path / "plain", augment=False))
+    plain, _ = _final_state(tmp_path / "plain")
+    weights, _ = _final_state(tmp_path / "ref")
+    assert any(not torch.equal(weights[k], plain[k]) for k in weights)
+
+
+def test_fused_and_unfused_training_follow_the_same_path(data, tmp_path):
+    # the fused training network has the unfused one's gradients (test_fused_training: equal in
+    # float64); in float32 the two runs' losses agree to rounding over an epoch of Adam steps
+    runs = {}
+    for fused in (True, False):
+        cfg = dataclasses.replace(_config(tmp_path / str(fused), data, "full"), epochs=1,
+                                  iters_per_epoch=6, bn_recalibration=0, fused=fused)
+        train(cfg)
+        record = json.loads((cfg.out / "metrics.jsonl").read_text().splitlines()[-1])
+        runs[fused] = record, _final_state(cfg.out)[0]
+    (fused_log, fused_w), (plain_log, plain_w) = runs[True], runs[False]
+    for term in ("dice", "bce", "kl", "total"):
+        assert fused_log[term] == pytest.approx(plain_log[term], rel=1e-5), term
+    assert fused_log["total"] != plain_log["total"]  # two code paths did run
+    drift = torch.cat([(fused_w[k].float() - plain_w[k].float()).abs().flatten()
+                       for k in fused_w]).mean().item()
+    assert drift < 1e-4
+    assert json.loads((tmp_path / "False" / "train_config.json").read_text())["fused"] is False

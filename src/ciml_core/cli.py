@@ -536,7 +536,8 @@ def _train_settings(args: argparse.Namespace) -> dict:
     from ciml_core.train import TrainConfig
 
     names = {f.name for f in dataclasses.fields(TrainConfig)} - {"out", "data", "resume",
-                                                                  "decomposition", "augment"}
+                                                                  "decomposition", "augment",
+                                                                  "fused"}
     given = {k: getattr(args, k) for k in names
              if getattr(args, k, None) is not None and getattr(args, k) is not False}
     if args.data:
@@ -545,6 +546,8 @@ def _train_settings(args: argparse.Namespace) -> dict:
         given["decomposition"] = _read_decomposition(args.decomposition)
     if args.no_augment:
         given["augment"] = False
+    if args.unfused:
+        given["fused"] = False
     return given
 
 
@@ -695,7 +698,13 @@ def _add_train(sub, parents: dict) -> None:
                    help="target voxel size in mm (canonical RAS+ axes) every case is resampled "
                    "to and the model records (default: the median of the training cases)")
     p.add_argument("--no-augment", action="store_true", help="turn the augmentations off")
+    p.add_argument("--augment-on-device", action="store_true",
+                   help="run the augmentations on whole batches on the training device (a GPU) "
+                   "instead of in the loader workers (for when the CPUs cannot keep up)")
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
+    p.add_argument("--unfused", action="store_true",
+                   help="train the segmentors one after the other instead of as grouped layers "
+                   "(same gradients, slower; for debugging)")
     _add_training_additions(p)
     _defaults_from_train_config(p)
     p.set_defaults(func=_cmd_train)

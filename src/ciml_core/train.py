@@ -42,6 +42,7 @@ from ciml_core.checkpoint import (
     save_checkpoint,
 )
 from ciml_core.data.augment import nnunet_augmentations
+from ciml_core.data.batch_augment import BatchAugment
 from ciml_core.data.cache import (
     CacheReport,
     PreparedCase,
@@ -67,6 +68,7 @@ from ciml_core.model import (
 )
 from ciml_core.model import probabilities_to_region_masks as to_masks
 from ciml_core.model.config import GATE_SWITCHES, check_spatial_size
+from ciml_core.model.fused import training_network
 from ciml_core.runtime import DistContext, barrier, cleanup, setup_distributed, shard
 
 #: Settings that define the schedule; --resume refuses to change them.
@@ -115,6 +117,8 @@ class TrainConfig:
     preprocess_workers: int = 1  # processes that build the preprocessed cache
     augment: bool = True
     compile: bool = False
+    augment_on_device: bool = False  # augment whole batches on the training device (GPU)
+    fused: bool = True  # run the segmentors as grouped layers (model/fused.py); same gradients
     demo_cases: int = 16
     resume: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
@@ -442,6 +446,7 @@ class _Run:
     start_step: int = 0  # optimiser steps already done in ``start_epoch`` (mid-epoch resume)
     best: float = -math.inf
     cache_report: CacheReport | None = None  # what this rank preprocessed (None: it waited)
+    batch_augment: BatchAugment | None = None  # augmentations on the device (else in the loader)
     t_start: float = field(default_factory=time.time)
 
     def save(self, name: str, epoch: int, step: int) -> None:
@@ -478,9 +483,10 @@ def _setup(cfg: TrainConfig, ctx: DistContext) -> _Run:
     (decomposition, convention, train_cases, val_cases, data_desc, report,
      spacing) = _prepare_data(cfg, ctx)
     patch = (cfg.patch,) * 3
+    on_device = cfg.augment and cfg.augment_on_device
     dataset = PatchDataset(
         train_cases, patch, length=cfg.iters_per_epoch * cfg.batch * ctx.world_size,
-        augment=nnunet_augmentations(3) if cfg.augment else None,
+        augment=nnunet_augmentations(3) if cfg.augment and not on_device else None,
         region_weights=foreground_region_weights(cfg, decomposition.regions), seed=cfg.seed)
 
     dropout = cfg.message_dropout if cfg.variant in GATE_SWITCHES else 0.0
@@ -503,7 +509,10 @@ def _setup(cfg: TrainConfig, ctx: DistContext) -> _Run:
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, start_step, best = state["epoch"], state["step"], state["best"]
         torch.set_rng_state(state["torch_rng"])
-    net = DistributedDataParallel(model) if ctx.enabled else model
+    # The steps run the fused view of the same parameters (model/fused.py); the optimiser,
+    # checkpoints, validation and batch-norm recalibration use ``model`` itself.
+    net = training_network(model, fused=cfg.fused)
+    net = DistributedDataParallel(net) if ctx.enabled else net
     if cfg.compile:
         net = torch.compile(net)
     info = CheckpointInfo(label_convention=convention, spacing=spacing,
@@ -513,7 +522,7 @@ def _setup(cfg: TrainConfig, ctx: DistContext) -> _Run:
                                     "world_size": ctx.world_size})
     return _Run(cfg, ctx, decomposition, train_cases, val_cases, dataset, model, net,
                 model_config, loss_fn, optimizer, scheduler, info, start_epoch, start_step, best,
-                cache_report=report)
+                cache_report=report, batch_augment=BatchAugment(3) if on_device else None)
 
 
 def _stop_requested(run: _Run, stop: StopRequest) -> bool:
@@ -569,6 +578,8 @@ def _train_epoch(run: _Run, epoch: int, stop: StopRequest, notify: Callable[[str
         raise _interrupted(run, stop, epoch, done)
     for x, y in bar:
         x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
+        if run.batch_augment is not None:  # seeded by the step: same on a resume
+            x, y = run.batch_augment(x, y, seed=(cfg.seed, epoch, done, ctx.rank))
         with torch.autocast(ctx.device.type, dtype=torch.bfloat16,
                             enabled=ctx.device.type == "cuda"):
             output = run.net(x)
