@@ -12,6 +12,9 @@ The GPU side comes from the FLOP count of one training step (forward x 3 for for
 counted by torch.utils.flop_counter on the meta device) at an assumed achieved throughput
 (``--gpu-tflops``, default 250 TFLOP/s: about a quarter of an H100's dense bf16 peak, what 3-D
 U-Nets reach with cuDNN). The workers needed = the GPU's patches/s / one worker's patches/s.
+With ``--augment-on-device`` the workers only cut plain patches and the batched augmentations
+(data/batch_augment.py) run on the training device: their patches/s are measured here on the CPU
+(1 thread) and on CUDA when there is one.
 Results: benchmarks/results/loader_cpu.json.
 """
 
@@ -27,6 +30,7 @@ from pathlib import Path
 import torch
 
 from ciml_core.data.augment import nnunet_augmentations
+from ciml_core.data.batch_augment import BatchAugment
 from ciml_core.data.cache import PreprocessSettings, prepare_cases
 from ciml_core.data.layouts import discover_cases
 from ciml_core.data.patches import PatchDataset
@@ -58,6 +62,28 @@ def patches_per_second(cases, patch: int, augment: bool, count: int) -> float:
     return count / (time.perf_counter() - t0)
 
 
+def device_patches_per_second(cases, patch: int, device: str, batches: int) -> float:
+    """Patches/s of the batched augmentations (data/batch_augment.py, ``--augment-on-device``)
+    on ``device``, batches of 2 plain loader patches, the loader's time not counted."""
+    ds = PatchDataset(cases, (patch,) * 3, length=2 * (batches + 1), seed=1)
+    pairs = [(torch.stack([ds[2 * i][0], ds[2 * i + 1][0]]).to(device),
+              torch.stack([ds[2 * i][1], ds[2 * i + 1][1]]).to(device))
+             for i in range(batches + 1)]
+    augment = BatchAugment(3)
+
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    augment(*pairs[0], seed=0)  # warm-up
+    sync()
+    t0 = time.perf_counter()
+    for i, (x, y) in enumerate(pairs[1:]):
+        augment(x, y, seed=i + 1)
+    sync()
+    return 2 * batches / (time.perf_counter() - t0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -86,6 +112,13 @@ def main() -> None:
             row[f"{key}_patches_per_s_per_worker"] = round(rate, 2)
         row["workers_to_keep_up"] = round(row["gpu_patches_per_s"]
                                           / row["augmented_patches_per_s_per_worker"], 1)
+        # --augment-on-device: the workers only cut plain patches; the batch augmentations run
+        # where the model runs (here measured on this CPU with 1 thread, and on CUDA when there)
+        for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+            row[f"device_augment_patches_per_s_{device}"] = round(
+                device_patches_per_second(prepared, patch, device, count // 2), 2)
+        row["workers_to_keep_up_augment_on_device"] = round(
+            row["gpu_patches_per_s"] / row["plain_patches_per_s_per_worker"], 1)
         print(json.dumps(row))
         rows.append(row)
     result = {"machine": platform.processor() or platform.machine(),
