@@ -60,3 +60,22 @@ def test_fused_windows_match_unfused_on_cuda():
         loaded.model, image, patch, InferenceSettings(device="cuda", bf16=False, fused=False))
     # fp32 (cuDNN may use TF32 for convolutions): equal to a few thousandths
     assert np.abs(fused - unfused).max() < 5e-3
+
+
+def test_batch_augmentations_on_cuda_match_the_cpu_where_no_noise_is_drawn():
+    from ciml_core.data.batch_augment import BatchAugment
+
+    image = torch.randn(4, 4, 32, 32, 32)
+    label = (torch.rand(4, 3, 32, 32, 32) > 0.7).float()
+    augment = BatchAugment(3)
+    gen = torch.Generator().manual_seed(3)
+    # the spatial part and the flips draw on the CPU generator: the same on both devices
+    cpu_image, cpu_label = augment.spatial(image, label, gen)
+    gen = torch.Generator().manual_seed(3)
+    gpu_image, gpu_label = augment.spatial(image.cuda(), label.cuda(), gen)
+    torch.testing.assert_close(gpu_image.cpu(), cpu_image, atol=1e-4, rtol=1e-4)
+    assert (gpu_label.cpu() != cpu_label).float().mean() < 1e-3  # nearest: ties may differ
+    a = augment(image.cuda(), label.cuda(), seed=(0, 1, 2, 0))
+    b = augment(image.cuda(), label.cuda(), seed=(0, 1, 2, 0))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert a[0].device.type == "cuda" and set(a[1].unique().tolist()) <= {0.0, 1.0}
