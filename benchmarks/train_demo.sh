@@ -44,7 +44,7 @@ if [ ! -f "$DATA/complete" ]; then
     --overwrite
   touch "$DATA/complete"
 fi
-ARGS=(--out "$RUN" --epochs 40 --iters-per-epoch 50 --patch 64 --width 8 --batch 2
+ARGS=(--out "$RUN" --epochs 24 --iters-per-epoch 50 --patch 64 --width 8 --batch 2
       --fold -1 --workers 1 --lr 3e-4 --warmup-epochs 2 --spacing 1 1 1)
 if [ -f "$RUN/latest/training_state.pt" ]; then
   ciml-core train --resume "${ARGS[@]}"
