@@ -151,6 +151,49 @@ class SharedGroupedConvNormAct(nn.Module):
         return y
 
 
+class ConvInChannelsLast:
+    """Calls one of the network's full-resolution blocks (a conv, or conv + norm + activation)
+    with its convolution run in channels-last memory format on the CPU, the rest as it is.
+
+    For the narrow full-resolution convolutions of a CIML segmentor (8 -> 1-2 channels in the
+    head, 16 -> 8 in the last fuse conv, at 64^3) oneDNN's backward is 2-5x faster on
+    channels-last input (docs/performance.md, "Fused training"), while batch norm's backward is
+    slower there: so the conv's input goes to channels-last and its output back. Not a module: the
+    block belongs to the network (registered there).
+    """
+
+    def __init__(self, block: nn.Module, owner: FusedTrainingCIML) -> None:
+        self.block = block
+        self._owner = owner  # whose forward decides (``full_resolution_channels_last``)
+        sequential = isinstance(block, nn.Sequential)
+        self.conv = block[0] if sequential else block
+        self.rest = tuple(block)[1:] if sequential else ()
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if not self._owner.full_resolution_channels_last:
+            return self.block(x)
+        y = self.conv(x.contiguous(memory_format=torch.channels_last_3d)).contiguous()
+        for layer in self.rest:
+            y = layer(y)
+        return y
+
+
+def grouped_pointwise(x: Tensor, weight: Tensor, bias: Tensor | None, groups: int,
+                      conv: Callable[..., Tensor]) -> Tensor:
+    """``conv(x, weight, bias, groups=groups)`` for a 1x1 ``weight``; on the CPU, for standard-
+    layout input, as one batched matmul: oneDNN's backward of this grouped 1x1 convolution
+    (12 groups of 8 -> 16 channels at 32^3) takes 6x the matmul's (docs/performance.md)."""
+    if x.device.type != "cpu" or not x.is_contiguous():
+        return conv(x, weight, bias, groups=groups)
+    b, channels, spatial = x.shape[0], x.shape[1], x.shape[2:]
+    out = weight.shape[0]
+    y = torch.matmul(weight.reshape(groups, out // groups, channels // groups),
+                     x.view(b, groups, channels // groups, -1))
+    if bias is not None:
+        y = y + bias.view(groups, out // groups, 1)
+    return y.view(b, out, *spatial)
+
+
 class SharedGroupedGate(RoutedGates):
     """The T CIGs of one level with training semantics, on the CIGs' own parameters.
 
@@ -189,7 +232,7 @@ class SharedGroupedGate(RoutedGates):
             weight = torch.cat([torch.cat([m.weight for m in g.mu], dim=1) for g in self._gates])
             bias = (torch.cat([sum(m.bias for m in g.mu) for g in self._gates])
                     if self._gates[0].mu[0].bias is not None else None)
-            side = self._function(flat, weight, bias, groups=groups)
+            side = grouped_pointwise(flat, weight, bias, groups, self._function)
             if self.fusion is not None:
                 side = torch.sigmoid(self.fusion(side))
             return side, None
@@ -199,7 +242,8 @@ class SharedGroupedGate(RoutedGates):
                             for mu, sigma in zip(g.mu, g.sigma, strict=True)])
         bias = torch.cat([torch.cat([mu.bias, sigma.bias]) for g in self._gates
                           for mu, sigma in zip(g.mu, g.sigma, strict=True)])
-        out = self._function(flat, weight, bias, groups=groups * k).unflatten(1, (groups * k, 2, -1))
+        out = grouped_pointwise(flat, weight, bias, groups * k, self._function).unflatten(
+            1, (groups * k, 2, -1))
         mu, sigma_logit = out[:, :, 0], out[:, :, 1]
         # As cig.reparameterise, with the eps given rather than drawn here.
         sigma = F.softplus(sigma_logit) + SIGMA_FLOOR
@@ -235,7 +279,8 @@ class FusedTrainingCIML(FusedLayout):
         super().__init__()
         self.build_layout(
             network,
-            separate=tuple,  # the network's own full-resolution blocks, called as they are
+            # the network's own full-resolution blocks, their convolutions in channels-last
+            separate=lambda blocks: tuple(ConvInChannelsLast(b, self) for b in blocks),
             grouped=SharedGroupedConvNormAct,
             gate=lambda gates, sources: SharedGroupedGate(
                 gates, sources, detach=network.config.detach_messages),
@@ -244,6 +289,7 @@ class FusedTrainingCIML(FusedLayout):
         # and state_dict keys are the network's.
         self.segmentors = network.segmentors
         self._network = (network,)
+        self.full_resolution_channels_last = False  # set per forward from the input
         self.train(network.training)
 
     def train(self, mode: bool = True) -> FusedTrainingCIML:
@@ -306,6 +352,11 @@ class FusedTrainingCIML(FusedLayout):
         """``x[B, M, *spatial]`` -> per-segmentor logits and KL, as ``CIMLNetwork.forward``."""
         decomposition = self.config.decomposition
         check_input(x, len(decomposition.modalities), self.config.spatial_dims)
+        # Only for standard-layout 3-D input on the CPU: a caller that runs the whole network in
+        # channels-last (or on a GPU) keeps its own layout throughout.
+        self.full_resolution_channels_last = (
+            x.device.type == "cpu" and x.dim() == 5 and x.is_contiguous()
+            and not x.is_contiguous(memory_format=torch.channels_last_3d))
         noise, keep = self.draw_noise(x)
         logits, kls = self.run_layout(x, noise, keep)
         # As Segmentor.forward: the sum over levels (in level order), over NUM_LEVELS.
