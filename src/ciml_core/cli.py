@@ -536,7 +536,8 @@ def _train_settings(args: argparse.Namespace) -> dict:
     from ciml_core.train import TrainConfig
 
     names = {f.name for f in dataclasses.fields(TrainConfig)} - {"out", "data", "resume",
-                                                                  "decomposition", "augment"}
+                                                                  "decomposition", "augment",
+                                                                  "fused"}
     given = {k: getattr(args, k) for k in names
              if getattr(args, k, None) is not None and getattr(args, k) is not False}
     if args.data:
@@ -545,6 +546,8 @@ def _train_settings(args: argparse.Namespace) -> dict:
         given["decomposition"] = _read_decomposition(args.decomposition)
     if args.no_augment:
         given["augment"] = False
+    if args.unfused:
+        given["fused"] = False
     return given
 
 
@@ -699,9 +702,9 @@ def _add_train(sub, parents: dict) -> None:
                    help="run the augmentations on whole batches on the training device (a GPU) "
                    "instead of in the loader workers (for when the CPUs cannot keep up)")
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
-    p.add_argument("--fused", action="store_true",
-                   help="train the segmentors as grouped layers (same gradients; on a 2-core CPU "
-                   "as fast in fp32 and x0.85 the time in bf16 at width 8, slower at 16: "
+    p.add_argument("--unfused", action="store_true",
+                   help="train the segmentors one after the other instead of as grouped layers "
+                   "(same gradients; on a 2-core CPU x1.4 the fp32 step time: "
                    "docs/performance.md)")
     _add_training_additions(p)
     _defaults_from_train_config(p)

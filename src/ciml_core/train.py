@@ -119,8 +119,8 @@ class TrainConfig:
     compile: bool = False
     augment_on_device: bool = False  # augment whole batches on the training device (GPU)
     # Run the segmentors as grouped layers (model/fused.py): same gradients; on the 2-core CPU
-    # no faster in fp32 (x1.00 at C=8, x1.15 slower at C=16), x0.85 in bf16 at C=8.
-    fused: bool = False
+    # x0.72 the step time of the unfused network in fp32 (docs/performance.md).
+    fused: bool = True
     demo_cases: int = 16
     resume: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
