@@ -66,9 +66,10 @@ def device_patches_per_second(cases, patch: int, device: str, batches: int) -> f
     """Patches/s of the batched augmentations (data/batch_augment.py, ``--augment-on-device``)
     on ``device``, batches of 2 plain loader patches, the loader's time not counted."""
     ds = PatchDataset(cases, (patch,) * 3, length=2 * (batches + 1), seed=1)
-    pairs = [(torch.stack([ds[2 * i][0], ds[2 * i + 1][0]]).to(device),
-              torch.stack([ds[2 * i][1], ds[2 * i + 1][1]]).to(device))
-             for i in range(batches + 1)]
+    pairs = []
+    for i in range(batches + 1):
+        (x0, y0), (x1, y1) = ds[2 * i], ds[2 * i + 1]  # each patch cut once
+        pairs.append((torch.stack([x0, x1]).to(device), torch.stack([y0, y1]).to(device)))
     augment = BatchAugment(3)
 
     def sync() -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -90,10 +91,10 @@ class BatchAugment:
         flips = torch.rand(b, self.spatial_dims, generator=gen) < FLIP
         image, label = image.clone(), label.clone()
         for i in range(b):
-            dims = [2 + a for a in range(self.spatial_dims) if flips[i, a]]
+            dims = [1 + a for a in range(self.spatial_dims) if flips[i, a]]  # of one sample
             if dims:
-                image[i] = image[i].flip([d - 1 for d in dims])
-                label[i] = label[i].flip([d - 1 for d in dims])
+                image[i] = image[i].flip(dims)
+                label[i] = label[i].flip(dims)
         return image, label
 
     # -- intensity ------------------------------------------------------------------------------
@@ -127,12 +128,9 @@ class BatchAugment:
 
 
 def _seed_int(seed: int | Sequence[int]) -> int:
-    if isinstance(seed, int):
-        return seed
-    value = 0
-    for s in seed:  # a stable mix of the parts (not Python's salted hash)
-        value = (value * 1_000_003 + int(s)) % (2**63 - 1)
-    return value
+    """One 64-bit seed from the parts, mixed as PatchDataset's (seed, epoch, index) are."""
+    parts = [seed] if isinstance(seed, int) else [int(s) for s in seed]
+    return int(np.random.SeedSequence(parts).generate_state(1, np.uint64)[0])
 
 
 def _draw(n: int, probability: float, gen: torch.Generator) -> Tensor:
