@@ -38,19 +38,13 @@ def atlas_false_positives(loaded: LoadedModel, count: int, seed: int) -> list[di
     """Predicted tumour (any label) in cm^3 on ``count`` tumour-free, deformed atlas cases."""
     from ciml_core.data.brain_phantoms import make_atlas_case
     from ciml_core.data.dataset import load_case
-    from ciml_core.data.nifti import atomic_save, nifti_image
-    from ciml_core.data.phantoms import LAYOUTS
+    from ciml_core.data.phantoms import write_phantom_case
     from ciml_core.infer import predict_case
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(count):
-            phantom = make_atlas_case(seed + i, deform=True)
-            folder = Path(tmp) / phantom.case_id
-            for key, pattern in LAYOUTS["brain"].items():
-                array = phantom.label if key == "seg" else phantom.images[key]
-                atomic_save(nifti_image(array, phantom.affine),
-                            folder / pattern.format(id=phantom.case_id))
+            write_phantom_case(make_atlas_case(seed + i, deform=True), "brain", tmp)
         for files in discover_cases(tmp):
             case = load_case(files, loaded.modalities, label_convention="brats2020")
             label = predict_case(loaded, case).label

@@ -23,6 +23,7 @@ byte-identical arrays on every run.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -682,13 +683,17 @@ def write_phantom_dataset(
     refuse_existing((out / _case_id(kind, s) / pattern.format(id=_case_id(kind, s))
                      for s in seeds for pattern in LAYOUTS[kind].values()), overwrite)
 
-    folders = []
-    for s in seeds:
-        case = _make_case(kind, s, shape)
-        folder = out / case.case_id
-        for key, pattern in LAYOUTS[kind].items():
-            array = case.label if key == "seg" else case.images[key]
-            atomic_save(nifti_image(array, case.affine), folder / pattern.format(id=case.case_id),
-                        overwrite=overwrite)
-        folders.append(folder)
-    return folders
+    return [write_phantom_case(_make_case(kind, s, shape), kind, out, overwrite=overwrite)
+            for s in seeds]
+
+
+def write_phantom_case(case: PhantomCase, kind: str, out: str | os.PathLike, *,
+                       overwrite: bool = False) -> Path:
+    """Write one generated case in ``kind``'s layout (:data:`LAYOUTS`) into ``out/<case id>``,
+    each file atomically; returns the case folder."""
+    folder = Path(out) / case.case_id
+    for key, pattern in LAYOUTS[kind].items():
+        array = case.label if key == "seg" else case.images[key]
+        atomic_save(nifti_image(array, case.affine), folder / pattern.format(id=case.case_id),
+                    overwrite=overwrite)
+    return folder
