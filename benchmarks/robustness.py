@@ -1,7 +1,7 @@
 """Robustness curve: how a model's Dice degrades when one randomisation of the brain phantoms is
 pushed beyond the range the demo was trained on, the others left as in training.
 
-    python benchmarks/robustness.py [--model demo] [--cases 4] [--seed 8200]
+    python benchmarks/robustness.py [--model demo] [--cases 4] [--seed 8200] [--overlap 0.5]
 
 Each setting regenerates the same ``--cases`` brain phantoms (same seeds: same anatomy, tumour,
 texture and noise draws; only the pushed parameter differs) and scores the model's predictions
@@ -20,11 +20,14 @@ from contextlib import ExitStack
 from pathlib import Path
 from unittest import mock
 
+import torch
+
 from ciml_core.checkpoint import load_checkpoint
 from ciml_core.data import brain_phantoms as bp
 from ciml_core.data.layouts import discover_cases
 from ciml_core.data.phantoms import write_phantom_dataset
 from ciml_core.evaluate import score_model
+from ciml_core.infer import InferenceSettings
 
 
 def _et_enhancement(value: float) -> dict:
@@ -56,12 +59,14 @@ SETTINGS: dict[str, tuple[str, list[tuple[str, dict]]]] = {
 }
 
 
-def score_setting(loaded, patches: dict, cases: int, seed: int) -> dict[str, float]:
+def score_setting(loaded, patches: dict, cases: int, seed: int,
+                  settings: InferenceSettings) -> dict[str, float]:
     with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
         for name, value in patches.items():
             stack.enter_context(mock.patch.object(bp, name, value))
         write_phantom_dataset("brain", cases, Path(tmp), seed=seed)
-        _, mean = score_model(loaded, discover_cases(tmp), loaded.info.label_convention)
+        _, mean = score_model(loaded, discover_cases(tmp), loaded.info.label_convention,
+                              settings)
     return {region: round(values["dice"], 4) for region, values in mean.items()}
 
 
@@ -71,20 +76,27 @@ def main() -> None:
     parser.add_argument("--model", default="demo")
     parser.add_argument("--cases", type=int, default=4)
     parser.add_argument("--seed", type=int, default=8200)
+    parser.add_argument("--overlap", type=float, default=0.5,
+                        help="sliding-window overlap (0.25: about half the windows of 0.5)")
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/robustness.json"))
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     loaded = load_checkpoint(args.model)
+    settings = InferenceSettings(device="cpu", overlap=args.overlap)
     t0 = time.time()
     rows = [{"setting": "training ranges", "level": "-", "training_range": "-",
-             "dice": score_setting(loaded, {}, args.cases, args.seed)}]
+             "dice": score_setting(loaded, {}, args.cases, args.seed, settings)}]
     print(json.dumps(rows[-1]), flush=True)
     for name, (training_range, levels) in SETTINGS.items():
         for label, patches in levels:
             rows.append({"setting": name, "level": label, "training_range": training_range,
-                         "dice": score_setting(loaded, patches, args.cases, args.seed)})
+                         "dice": score_setting(loaded, patches, args.cases, args.seed,
+                                               settings)})
             print(json.dumps(rows[-1]), flush=True)
     result = {"model": str(loaded.path), "weights_sha256": loaded.weights_sha256,
               "cases": args.cases, "seeds": [args.seed, args.seed + args.cases - 1],
+              "overlap": args.overlap,
               "seconds": round(time.time() - t0, 1), "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -474,3 +474,16 @@ def test_brats_grid_case_is_written_in_under_30_seconds(tmp_path):
     assert seg.shape == (240, 240, 155)
     np.testing.assert_allclose(np.diag(affine), [-1, -1, 1, 1])
     assert all(mask.any() for mask in regions(seg).values())
+
+
+def test_write_phantom_dataset_takes_a_spacing_for_the_glioma_kind(tmp_path):
+    (folder,) = write_phantom_dataset("brats", 1, tmp_path, seed=3, shape=(48, 48, 32),
+                                      spacing=2.0)
+    image = nib.load(str(folder / "Phantom_00003_t1.nii.gz"))
+    assert image.shape == (48, 48, 32)
+    assert nib.affines.voxel_sizes(image.affine) == pytest.approx((2.0, 2.0, 2.0))
+    # the same case as the generator's, at that spacing
+    expected = make_brats_phantom(3, (48, 48, 32), 2.0)
+    assert np.array_equal(np.asarray(image.dataobj), expected.images["t1"])
+    with pytest.raises(ConfigError, match="only the brats kind takes a spacing"):
+        write_phantom_dataset("petct", 1, tmp_path / "p", spacing=2.0)

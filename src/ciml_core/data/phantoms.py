@@ -629,9 +629,10 @@ def _case_id(kind: str, seed: int) -> str:
     return f"{CASE_ID_PREFIX[kind]}_{seed:05d}"
 
 
-def _make_case(kind: str, seed: int, shape: tuple[int, int, int]) -> PhantomCase:
+def _make_case(kind: str, seed: int, shape: tuple[int, int, int],
+               spacing: float | None = None) -> PhantomCase:
     if kind == "brats":
-        return make_brats_phantom(seed, shape)
+        return make_brats_phantom(seed, shape, spacing)
     if kind == "petct":
         return make_petct_phantom(seed, shape)
     if kind == "brain":  # imported here: brain_phantoms imports this module
@@ -655,8 +656,13 @@ def write_phantom_dataset(
     seed: int = 0,
     shape: tuple[int, int, int] | None = None,
     overwrite: bool = False,
+    spacing: float | None = None,
 ) -> list[Path]:
     """Write ``cases`` synthetic cases of ``kind`` under ``out``; return the case folders.
+
+    ``spacing`` (``brats`` only): the voxel size in mm instead of :func:`brats_spacing`'s
+    head-sized field of view; e.g. a 48x48x32 grid at 2 mm is a small head whose case runs at
+    1 mm in 1/8 of the windows of the default 4 mm one.
 
     Layouts: ``brats`` -> ``<case>/<case>_{flair,t1,t1ce,t2,seg}.nii.gz`` (BraTS 2020, case ids
     ``Phantom_<seed+i:05d>``); ``shapes`` -> ``<case>/<case>_{primary,auxiliary,seg}.nii.gz``
@@ -672,6 +678,8 @@ def write_phantom_dataset(
     """
     if kind not in KINDS:
         raise ConfigError(f"kind: expected one of {', '.join(KINDS)}, got {kind!r}")
+    if spacing is not None and kind != "brats":
+        raise ConfigError(f"spacing: only the brats kind takes a spacing, got kind {kind!r}")
     if isinstance(cases, bool) or not isinstance(cases, int | np.integer) or cases < 1:
         raise ConfigError(f"cases: expected an integer >= 1, got {cases!r}")
     seed = _check_seed(seed)
@@ -683,8 +691,8 @@ def write_phantom_dataset(
     refuse_existing((out / _case_id(kind, s) / pattern.format(id=_case_id(kind, s))
                      for s in seeds for pattern in LAYOUTS[kind].values()), overwrite)
 
-    return [write_phantom_case(_make_case(kind, s, shape), kind, out, overwrite=overwrite)
-            for s in seeds]
+    return [write_phantom_case(_make_case(kind, s, shape, spacing), kind, out,
+                               overwrite=overwrite) for s in seeds]
 
 
 def write_phantom_case(case: PhantomCase, kind: str, out: str | os.PathLike, *,
