@@ -1,23 +1,25 @@
-"""Target spacing with the bundled demo (trained at 2 mm): a phantom and its copies at 1 mm.
+"""Target spacing with a model: a phantom at the model's spacing and its copies at the other
+of 1 mm and 2 mm (the bundled demo runs at 1 mm, so its copies are at 2 mm).
 
-    python benchmarks/spacing.py [--seeds 5001 5003] [--native] [--threads 2]
+    python benchmarks/spacing.py [--model demo] [--seeds 5001 5003] [--native] [--threads 2]
 
-Cases per seed:
+Cases per seed (``M`` the model's isotropic spacing, ``O`` the other one):
 
-- ``2mm``: the glioma phantom on its default grid (96x96x64 at 2 mm, the demo's training grid);
-- ``1mm_copy``: the same case resampled to 1 mm (192x192x128): images cubic with the background
-  kept exactly 0 (a masked scan stays masked), reference labels from its region masks resampled
-  linearly and > 0.5 (:func:`spacing_copy`);
-- ``1mm_rendered``: the generator run on 192x192x128 at 1 mm: the same anatomy and tumour (drawn
-  before the images, independent of the grid) rendered with 1 mm voxels, its own noise and
-  intensity draws, and its own 1 mm reference.
+- ``Mmm``: the glioma phantom rendered at M mm over the default 192x192x128 mm field of view
+  (192x192x128 voxels at 1 mm, 96x96x64 at 2 mm);
+- ``Omm_copy``: the same case resampled to O mm: images cubic with the background kept exactly
+  0 (a masked scan stays masked), reference labels from its region masks resampled linearly and
+  > 0.5 (:func:`spacing_copy`);
+- ``Omm_rendered``: the generator run at O mm: the same anatomy and tumour (drawn before the
+  images, independent of the grid) rendered with O mm voxels, its own noise and intensity
+  draws, and its own reference.
 
-Every case is predicted at the model's spacing (a 1 mm case is resampled to 2 mm, the
-probabilities back); with ``--native`` each 1 mm case also at its native 1 mm
-(``InferenceSettings(native_spacing=True)``, 8x the windows: minutes per case on 2 cores).
-``transfer`` scores the 2 mm case's own probabilities carried to the copy's 1 mm grid the way
-``predict_case`` carries them (linear, > 0.5): what a perfect resampling pipeline would reach on
-the copy. Writes ``benchmarks/results/spacing_demo.json`` and prints a Markdown table.
+Every case is predicted at the model's spacing (an O mm case is resampled to M mm, the
+probabilities back); with ``--native`` each O mm case also at its native spacing
+(``InferenceSettings(native_spacing=True)``). ``transfer`` scores the M mm case's own
+probabilities carried to the copy's grid the way ``predict_case`` carries them (linear, > 0.5):
+what a perfect resampling pipeline would reach on the copy. Writes
+``benchmarks/results/spacing_demo.json`` and prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -43,7 +45,24 @@ from ciml_core.metrics import region_metrics
 from ciml_core.model import probabilities_to_region_masks
 
 CONVENTION = "brats2020"
-RENDERED_SHAPE = (192, 192, 128)
+FIELD_OF_VIEW_MM = (192.0, 192.0, 128.0)
+
+
+def phantom_at(seed: int, spacing: float) -> PhantomCase:
+    """The glioma phantom ``seed`` rendered with isotropic ``spacing`` mm voxels over the
+    default field of view (the anatomy and tumour do not depend on the grid)."""
+    shape = tuple(round(f / spacing) for f in FIELD_OF_VIEW_MM)
+    return make_brats_phantom(seed, shape, spacing)
+
+
+def other_spacing(loaded: LoadedModel) -> tuple[float, float]:
+    """(the model's isotropic spacing, the other of 1 mm and 2 mm)."""
+    spacing = loaded.info.spacing
+    if spacing is None or len(set(spacing)) != 1:
+        raise SystemExit(f"{loaded.path}: needs a model with an isotropic target spacing, "
+                         f"got {spacing}")
+    model = float(spacing[0])
+    return model, (2.0 if model < 1.5 else 1.0)
 
 
 def spacing_copy(phantom: PhantomCase, spacing: float) -> PhantomCase:
@@ -106,18 +125,20 @@ def transfer(loaded: LoadedModel, probabilities: np.ndarray, spacing: tuple[floa
 
 def run_seed(loaded: LoadedModel, seed: int, root: Path, native: bool) -> dict:
     settings = InferenceSettings(device="cpu")
-    phantom = make_brats_phantom(seed)
+    model_mm, other_mm = other_spacing(loaded)
+    home, copy = f"{model_mm:g}mm", f"{other_mm:g}mm_copy"
+    phantom = phantom_at(seed, model_mm)
     cases = {
-        "2mm": load(write_case(phantom, root / f"{seed}_2mm"), loaded),
-        "1mm_copy": load(write_case(spacing_copy(phantom, 1.0), root / f"{seed}_copy"), loaded),
-        "1mm_rendered": load(write_case(make_brats_phantom(seed, RENDERED_SHAPE, 1.0),
-                                        root / f"{seed}_rendered"), loaded),
+        home: load(write_case(phantom, root / f"{seed}_home"), loaded),
+        copy: load(write_case(spacing_copy(phantom, other_mm), root / f"{seed}_copy"), loaded),
+        f"{other_mm:g}mm_rendered": load(write_case(phantom_at(seed, other_mm),
+                                                    root / f"{seed}_rendered"), loaded),
     }
     result: dict = {"seed": seed}
     base = None
     for name, case in cases.items():
         runs = [("model", settings)]
-        if native and name != "2mm":
+        if native and name != home:
             runs.append(("native", settings.replace(native_spacing=True)))
         for run, how in runs:
             t0 = time.perf_counter()
@@ -128,17 +149,17 @@ def run_seed(loaded: LoadedModel, seed: int, root: Path, native: bool) -> dict:
                 "spacing": prediction.spacing.describe(),
                 "seconds": round(time.perf_counter() - t0, 1),
             }
-            if name == "2mm":
+            if name == home:
                 base = prediction
             print(seed, name, run, result[f"{name}/{run}"], flush=True)
-    result["1mm_copy/transfer"] = {"dice": transfer(loaded, base.probabilities,
-                                                    cases["2mm"].spacing, cases["1mm_copy"])}
+    result[f"{copy}/transfer"] = {"dice": transfer(loaded, base.probabilities,
+                                                   cases[home].spacing, cases[copy])}
     return result
 
 
 def table(results: list[dict]) -> str:
     keys = sorted({k for r in results for k in r if k != "seed"},
-                  key=lambda k: (k.split("/")[0] != "2mm", k))
+                  key=lambda k: ("copy" in k or "rendered" in k, k))
     lines = ["| seed | case / run | WT | TC | ET |", "| --- | --- | --- | --- | --- |"]
     for r in results:
         for k in keys:

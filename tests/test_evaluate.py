@@ -296,7 +296,7 @@ def test_score_model_in_memory_equals_evaluating_the_written_predictions(tmp_pat
     from ciml_core.evaluate import evaluate_folders, score_model
     from ciml_core.infer import InferenceSettings, predict_case, write_prediction
 
-    write_phantom_dataset("brats", 2, tmp_path / "ref", seed=5000, shape=(64, 64, 48))
+    write_phantom_dataset("brats", 2, tmp_path / "ref", seed=5000, shape=(64, 64, 48), spacing=2.0)
     cases = discover_cases(tmp_path / "ref")
     demo = load_checkpoint("demo")
     per_case, mean = score_model(demo, cases, "brats2020", InferenceSettings(device="cpu"))

@@ -40,7 +40,7 @@ SCRIPT = textwrap.dedent(
 
 
     data = root / "data"
-    (case,) = write_phantom_dataset("brats", 1, data, seed=5000, shape=(40, 40, 32))
+    (case,) = write_phantom_dataset("brats", 1, data, seed=5000, shape=(40, 40, 32), spacing=2.0)
     pred, report = root / "pred", root / "report.csv"
     codes = {
         "info": main(["info", "demo"]),

@@ -87,7 +87,8 @@ class Sandbox:
         return files
 
     def phantom(self, cid: str = "P1", folder: Path | None = None) -> dict[str, Path]:
-        """A 48x48x32 BraTS-like phantom (the demo model finds its tumour), copied in."""
+        """A 48x48x32 BraTS-like phantom at 2 mm (a small head: the 1 mm demo finds its tumour
+        in few windows), copied in."""
         folder = folder or self.inp / cid
         folder.mkdir(parents=True, exist_ok=True)
         files = {}
@@ -1054,7 +1055,7 @@ def phantom_case(tmp_path_factory) -> Path:
     from ciml_core.data.phantoms import write_phantom_dataset
 
     root = tmp_path_factory.mktemp("phantom")
-    (folder,) = write_phantom_dataset("brats", 1, root, seed=0, shape=(48, 48, 32))
+    (folder,) = write_phantom_dataset("brats", 1, root, seed=0, shape=(48, 48, 32), spacing=2.0)
     return folder
 
 

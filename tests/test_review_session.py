@@ -75,7 +75,7 @@ def region_dice(a: np.ndarray, b: np.ndarray, values) -> float:
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("review")
-    write_phantom_dataset("brats", 5, root / "data", seed=300, shape=SHAPE)
+    write_phantom_dataset("brats", 5, root / "data", seed=300, shape=SHAPE, spacing=2.0)
     write_predictions(root / "data", root / "pred")
     return root / "data", root / "pred"
 
@@ -266,7 +266,7 @@ def test_prediction_on_another_grid_is_marked_with_a_clear_error(tmp_path, datas
 def test_session_of_another_dataset_or_inside_an_input_is_refused(tmp_path, dataset):
     data, pred = dataset
     other = tmp_path / "other"
-    write_phantom_dataset("brats", 1, other, seed=900, shape=SHAPE)
+    write_phantom_dataset("brats", 1, other, seed=900, shape=SHAPE, spacing=2.0)
     open_session(tmp_path, dataset)
     with pytest.raises(ConfigError) as err:
         ReviewSession.open(tmp_path / "session", other, predictions=pred, reviewer="A")

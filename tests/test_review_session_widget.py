@@ -34,7 +34,7 @@ def predicted(tmp_path_factory):
     """Five 48x48x32 phantom cases and their segmentation by `ciml-core predict` (demo model)."""
     root = tmp_path_factory.mktemp("session_widget")
     write_phantom_dataset("brats", 5, root / "data", seed=400, shape=(48, 48, 32))
-    # native spacing (4 mm): the demo runs one window per case instead of resampling to 2 mm
+    # native spacing (4 mm): the demo runs one window per case instead of resampling to 1 mm
     assert main(["predict", str(root / "data"), "--out", str(root / "pred"),
                  "--device", "cpu", "--native-spacing"]) == 0
     return root / "data", root / "pred"

@@ -233,11 +233,12 @@ def test_checkpoint_records_spacing_and_validates_it(tmp_path):
         CheckpointInfo(label_convention="brats2020", spacing=(1.0, -1.0, 1.0))
 
 
-def test_demo_records_its_training_spacing_without_touching_the_weights():
+def test_demo_records_its_training_spacing():
     doc = read_checkpoint_config("demo")  # weights and config hashes verified
-    assert tuple(doc["target_spacing"]) == brats_spacing((96, 96, 64)) == (2.0, 2.0, 2.0)
-    assert doc["training"]["config"]["demo_cases"] > 0  # trained on default-grid phantoms
-    assert describe("demo").spacing == (2.0, 2.0, 2.0)
+    # the recipe's stage 2 (benchmarks/train_demo.sh) trains at 1 mm, the BraTS grid
+    assert tuple(doc["target_spacing"]) == brats_spacing((240, 240, 155)) == (1.0, 1.0, 1.0)
+    assert doc["training"]["config"]["spacing"] == [1.0, 1.0, 1.0]
+    assert describe("demo").spacing == (1.0, 1.0, 1.0)
 
 
 def test_checkpoint_without_spacing_runs_native_and_says_so(tmp_path):
@@ -363,32 +364,34 @@ def test_cli_native_spacing_reaches_the_settings():
 
 
 @pytest.mark.slow
-def test_demo_on_a_phantom_and_its_1mm_copy(tmp_path):
-    """The demo (trained at 2 mm) on a 2 mm phantom and on its copy resampled to 1 mm: Dice
-    per region within 0.02 for WT and TC; ET, a rim about two 2-mm voxels thick, loses a
-    little more on the finer grid, exactly what the 2 mm case's own prediction loses when it is
-    carried to 1 mm (so the pipeline itself loses nothing). Both outputs on their own grids."""
+def test_demo_on_a_phantom_and_its_2mm_copy(tmp_path):
+    """The demo (trained at 1 mm) on a phantom rendered at 1 mm and on its copy resampled to
+    2 mm: Dice within 0.02 for WT and TC. ET, a rim two to three 1-mm voxels thick, loses about
+    0.1 on the coarser grid, and most of that is the grid, not the pipeline: the 1 mm case's own
+    probabilities carried to the copy's grid (``transfer``) lose almost as much (seeds 5001 and
+    5003: copy 0.891 and 0.888, transfer 0.912 and 0.918; docs/phantoms.md). Both outputs on
+    their own grids."""
     bench = _benchmark("spacing")
     loaded = load_checkpoint("demo", device="cpu")
-    phantom = make_brats_phantom(5001)
-    folders = {"2mm": bench.write_case(phantom, tmp_path / "2mm"),
-               "1mm": bench.write_case(bench.spacing_copy(phantom, 1.0), tmp_path / "1mm")}
+    phantom = bench.phantom_at(5001, 1.0)
+    folders = {"1mm": bench.write_case(phantom, tmp_path / "1mm"),
+               "2mm": bench.write_case(bench.spacing_copy(phantom, 2.0), tmp_path / "2mm")}
     cases = {k: bench.load(f, loaded) for k, f in folders.items()}
-    assert cases["1mm"].spacing == pytest.approx((1, 1, 1))
-    assert cases["1mm"].image.shape[1:] == (192, 192, 128)
+    assert cases["2mm"].spacing == pytest.approx((2, 2, 2))
+    assert cases["2mm"].image.shape[1:] == (96, 96, 64)
     with torch_threads(2):
         predictions = {k: predict_case(loaded, c, CPU) for k, c in cases.items()}
     dice = {k: bench.dice(predictions[k].label, cases[k]) for k in cases}
-    transfer = bench.transfer(loaded, predictions["2mm"].probabilities, cases["2mm"].spacing,
-                              cases["1mm"])
-    print("Dice", dice, "2 mm prediction carried to 1 mm", transfer)
-    assert not predictions["2mm"].spacing.resampled and predictions["1mm"].spacing.resampled
+    transfer = bench.transfer(loaded, predictions["1mm"].probabilities, cases["1mm"].spacing,
+                              cases["2mm"])
+    print("Dice", dice, "1 mm prediction carried to 2 mm", transfer)
+    assert not predictions["1mm"].spacing.resampled and predictions["2mm"].spacing.resampled
     for region in ("WT", "TC"):
         assert abs(dice["1mm"][region] - dice["2mm"][region]) <= 0.02, dice
-    assert abs(dice["1mm"]["ET"] - dice["2mm"]["ET"]) <= 0.04, dice
+    assert dice["1mm"]["ET"] - dice["2mm"]["ET"] <= 0.12, dice
     for region in ("WT", "TC", "ET"):
-        assert abs(dice["1mm"][region] - transfer[region]) <= 0.01, (dice, transfer)
-    assert min(dice["1mm"].values()) > 0.9
+        assert abs(dice["2mm"][region] - transfer[region]) <= 0.03, (dice, transfer)
+    assert min(dice["1mm"].values()) > 0.95 and min(dice["2mm"].values()) > 0.85
     for k, prediction in predictions.items():
         source = nib.load(str(next(folders[k].glob("*_flair.nii.gz"))))
         (path,) = write_prediction(prediction, cases[k], tmp_path / f"out_{k}")
@@ -407,8 +410,8 @@ def test_widgets_show_the_spacing_and_pass_the_switch(make_napari_viewer, qtbot,
     viewer.open_sample("napari-ciml", "glioma")
     _, seg = viewer.window.add_plugin_dock_widget("napari-ciml", "Segment")
     _, explain = viewer.window.add_plugin_dock_widget("napari-ciml", "Explain")
-    assert "spacing 2 x 2 x 2 mm" in seg.info_label.text()
-    assert "trained at 2 x 2 x 2 mm" in explain.model_label.text()
+    assert "spacing 1 x 1 x 1 mm" in seg.info_label.text()
+    assert "trained at 1 x 1 x 1 mm" in explain.model_label.text()
     assert not seg.native_check.isChecked() and not explain.native_check.isChecked()
 
     used = []
