@@ -18,7 +18,8 @@ Every case is predicted at the model's spacing (an O mm case is resampled to M m
 probabilities back); with ``--native`` each O mm case also at its native spacing
 (``InferenceSettings(native_spacing=True)``). ``transfer`` scores the M mm case's own
 probabilities carried to the copy's grid the way ``predict_case`` carries them (linear, > 0.5):
-what a perfect resampling pipeline would reach on the copy. Writes
+what a perfect resampling pipeline would reach on the copy. ``dice_outside_ties`` scores the
+copy's rows without the voxels whose reference is a tie (:func:`tie_voxels`). Writes
 ``benchmarks/results/spacing_demo.json`` and prints a Markdown table.
 """
 
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from nibabel.orientations import apply_orientation
 
 from ciml_core.checkpoint import LoadedModel, load_checkpoint
 from ciml_core.data.dataset import LoadedCase, load_case
@@ -41,6 +43,7 @@ from ciml_core.data.nifti import atomic_save, nifti_image
 from ciml_core.data.phantoms import PhantomCase, make_brats_phantom
 from ciml_core.data.preprocess import resample_image, resample_labels, resample_to_spacing
 from ciml_core.infer import InferenceSettings, predict_case
+from ciml_core.metrics import dice as dice_score
 from ciml_core.metrics import region_metrics
 from ciml_core.model import probabilities_to_region_masks
 
@@ -111,30 +114,62 @@ def dice(label: np.ndarray, case: LoadedCase) -> dict[str, float]:
     return {region: round(float(m["dice"]), 4) for region, m in metrics.items()}
 
 
-def transfer(loaded: LoadedModel, probabilities: np.ndarray, spacing: tuple[float, ...],
-             case: LoadedCase) -> dict[str, float]:
-    """Dice on ``case`` of full-grid ``probabilities`` of another spacing, carried to the case's
-    grid as ``predict_case`` carries probabilities (linear, then thresholded and nested)."""
+def tie_voxels(phantom: PhantomCase, spacing: float, shape: tuple[int, ...]) -> np.ndarray:
+    """Voxels of a :func:`spacing_copy` grid where some region's linearly resampled mask is
+    exactly 0.5, so that the copy's reference there is decided by the "> 0.5" rule alone (on a
+    2:1 grid: a 2x2x2 block of which exactly four voxels are inside the region). A thin rim
+    makes many of them; a model's soft probabilities fall on either side."""
+    conv = get_convention(CONVENTION)
+    old = tuple(float(s) for s in np.sqrt((phantom.affine[:3, :3] ** 2).sum(axis=0)))
+    regions = labels_to_regions(phantom.label, conv).astype(np.float32)
+    soft = resample_image(regions, old, (float(spacing),) * 3, order=1, shape=shape)
+    return np.any(np.abs(soft - 0.5) < 1e-4, axis=0)
+
+
+def dice_outside(label: np.ndarray, case: LoadedCase, ignore: np.ndarray) -> dict[str, float]:
+    """Dice per region of ``label`` against the case's reference, voxels in ``ignore`` left out."""
+    conv = get_convention(CONVENTION)
+    pred, ref = labels_to_regions(label, conv), labels_to_regions(case.label, conv)
+    return {name: round(float(dice_score(p & ~ignore, r & ~ignore)), 4)
+            for name, p, r in zip(conv.region_names, pred, ref, strict=True)}
+
+
+def transfer_label(loaded: LoadedModel, probabilities: np.ndarray, spacing: tuple[float, ...],
+                   case: LoadedCase) -> np.ndarray:
+    """Full-grid ``probabilities`` of another spacing carried to ``case``'s grid as
+    ``predict_case`` carries them (linear, then thresholded and nested), as a label map."""
     conv = get_convention(CONVENTION)
     probs = np.clip(resample_image(probabilities, spacing, case.spacing,
                                    order=1, shape=case.label.shape), 0, 1)
     masks = probabilities_to_region_masks(torch.from_numpy(probs)[None], loaded.regions)[0]
     order = [loaded.regions.index(r) for r in conv.region_names]
-    return dice(regions_to_labels(masks.numpy()[order], conv).astype(np.uint8), case)
+    return regions_to_labels(masks.numpy()[order], conv).astype(np.uint8)
 
 
-def run_seed(loaded: LoadedModel, seed: int, root: Path, native: bool) -> dict:
+def transfer(loaded: LoadedModel, probabilities: np.ndarray, spacing: tuple[float, ...],
+             case: LoadedCase) -> dict[str, float]:
+    """Dice on ``case`` of :func:`transfer_label` (the best a resampling pipeline can reach)."""
+    return dice(transfer_label(loaded, probabilities, spacing, case), case)
+
+
+def run_seed(loaded: LoadedModel, seed: int, root: Path, native: bool,
+             rendered: bool = True) -> dict:
     settings = InferenceSettings(device="cpu")
     model_mm, other_mm = other_spacing(loaded)
     home, copy = f"{model_mm:g}mm", f"{other_mm:g}mm_copy"
     phantom = phantom_at(seed, model_mm)
+    copied = spacing_copy(phantom, other_mm)
     cases = {
         home: load(write_case(phantom, root / f"{seed}_home"), loaded),
-        copy: load(write_case(spacing_copy(phantom, other_mm), root / f"{seed}_copy"), loaded),
-        f"{other_mm:g}mm_rendered": load(write_case(phantom_at(seed, other_mm),
-                                                    root / f"{seed}_rendered"), loaded),
+        copy: load(write_case(copied, root / f"{seed}_copy"), loaded),
     }
-    result: dict = {"seed": seed}
+    if rendered:
+        cases[f"{other_mm:g}mm_rendered"] = load(write_case(phantom_at(seed, other_mm),
+                                                            root / f"{seed}_rendered"), loaded)
+    # in the phantom's (LPS) voxel order, then in the loaded case's canonical one
+    ties = apply_orientation(tie_voxels(phantom, other_mm, copied.label.shape),
+                             cases[copy].reference.to_canonical).astype(bool)
+    result: dict = {"seed": seed, f"{copy}/ties": int(ties.sum())}
     base = None
     for name, case in cases.items():
         runs = [("model", settings)]
@@ -149,24 +184,31 @@ def run_seed(loaded: LoadedModel, seed: int, root: Path, native: bool) -> dict:
                 "spacing": prediction.spacing.describe(),
                 "seconds": round(time.perf_counter() - t0, 1),
             }
+            if name == copy:
+                result[f"{name}/{run}"]["dice_outside_ties"] = dice_outside(
+                    prediction.label, case, ties)
             if name == home:
                 base = prediction
             print(seed, name, run, result[f"{name}/{run}"], flush=True)
-    result[f"{copy}/transfer"] = {"dice": transfer(loaded, base.probabilities,
-                                                   cases[home].spacing, cases[copy])}
+    carried = transfer_label(loaded, base.probabilities, cases[home].spacing, cases[copy])
+    result[f"{copy}/transfer"] = {"dice": dice(carried, cases[copy]),
+                                  "dice_outside_ties": dice_outside(carried, cases[copy], ties)}
     return result
 
 
 def table(results: list[dict]) -> str:
     keys = sorted({k for r in results for k in r if k != "seed"},
                   key=lambda k: ("copy" in k or "rendered" in k, k))
-    lines = ["| seed | case / run | WT | TC | ET |", "| --- | --- | --- | --- | --- |"]
+    lines = ["| seed | case / run | WT | TC | ET | outside ties: WT | TC | ET |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         for k in keys:
-            if k in r:
-                d = r[k]["dice"]
+            if k in r and isinstance(r[k], dict):
+                d, o = r[k]["dice"], r[k].get("dice_outside_ties")
+                tail = (f" {o['WT']:.3f} | {o['TC']:.3f} | {o['ET']:.3f} |" if o
+                        else " - | - | - |")
                 lines.append(f"| {r['seed']} | {k} | {d['WT']:.3f} | {d['TC']:.3f} | "
-                             f"{d['ET']:.3f} |")
+                             f"{d['ET']:.3f} |" + tail)
     return "\n".join(lines)
 
 
