@@ -2,8 +2,9 @@
 
     python benchmarks/predict_full_size.py [--model demo] [--tta] [--native-spacing] [--device cpu]
 
-The case is 1 mm; a model that records another target spacing (the demo: 2 mm) resamples it
-to that spacing unless ``--native-spacing`` is given (results then go to ``*_native.json``).
+The case is 1 mm; a model that records another target spacing resamples it to that spacing
+unless ``--native-spacing`` is given (results then go to ``*_native.json``). The demo records
+1 mm, so for it both run the case on its own grid.
 
 Runs the real CLI in a child process and reads its peak resident memory (ru_maxrss) afterwards,
 so the number includes Python, torch and the whole volume pipeline.

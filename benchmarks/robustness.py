@@ -2,6 +2,9 @@
 pushed beyond the range the demo was trained on, the others left as in training.
 
     python benchmarks/robustness.py [--model demo] [--cases 4] [--seed 8200] [--overlap 0.5]
+        [--threads 2]
+
+(benchmarks/results/robustness.json: ``--cases 2 --overlap 0.25 --threads 1``.)
 
 Each setting regenerates the same ``--cases`` brain phantoms (same seeds: same anatomy, tumour,
 texture and noise draws; only the pushed parameter differs) and scores the model's predictions
@@ -96,7 +99,7 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
     result = {"model": str(loaded.path), "weights_sha256": loaded.weights_sha256,
               "cases": args.cases, "seeds": [args.seed, args.seed + args.cases - 1],
-              "overlap": args.overlap,
+              "overlap": args.overlap, "threads": args.threads,
               "seconds": round(time.time() - t0, 1), "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -41,7 +41,7 @@ from ciml_core.data.labels import get_convention, labels_to_regions, regions_to_
 from ciml_core.data.layouts import discover_cases
 from ciml_core.data.nifti import atomic_save, nifti_image
 from ciml_core.data.phantoms import PhantomCase, make_brats_phantom
-from ciml_core.data.preprocess import resample_image, resample_labels, resample_to_spacing
+from ciml_core.data.preprocess import resample_image, resample_to_spacing
 from ciml_core.infer import InferenceSettings, predict_case
 from ciml_core.metrics import dice as dice_score
 from ciml_core.metrics import region_metrics
@@ -85,11 +85,9 @@ def spacing_copy(phantom: PhantomCase, spacing: float) -> PhantomCase:
         head, _ = resample_to_spacing((array > 0).astype(np.uint8), phantom.affine, target,
                                       order=0)
         images[name] = np.where(head > 0, np.clip(smooth, 0, None), 0).astype(np.float32)
-    old = tuple(float(s) for s in np.sqrt((phantom.affine[:3, :3] ** 2).sum(axis=0)))
-    regions = labels_to_regions(phantom.label, conv).astype(np.uint8)
     shape = next(iter(images.values())).shape
-    masks = resample_labels(regions, old, target, shape=shape).astype(bool)
-    label = regions_to_labels(masks, conv).astype(np.uint8)
+    label = regions_to_labels(soft_region_masks(phantom, spacing, shape) > 0.5, conv)
+    label = label.astype(np.uint8)
     return PhantomCase(phantom.case_id, images, label, affine)
 
 
@@ -114,16 +112,20 @@ def dice(label: np.ndarray, case: LoadedCase) -> dict[str, float]:
     return {region: round(float(m["dice"]), 4) for region, m in metrics.items()}
 
 
-def tie_voxels(phantom: PhantomCase, spacing: float, shape: tuple[int, ...]) -> np.ndarray:
-    """Voxels of a :func:`spacing_copy` grid where some region's linearly resampled mask is
-    exactly 0.5, so that the copy's reference there is decided by the "> 0.5" rule alone (on a
-    2:1 grid: a 2x2x2 block of which exactly four voxels are inside the region). A thin rim
-    makes many of them; a model's soft probabilities fall on either side."""
-    conv = get_convention(CONVENTION)
+def soft_region_masks(phantom: PhantomCase, spacing: float, shape: tuple[int, ...]) -> np.ndarray:
+    """The phantom's region masks (WT, TC, ET) resampled linearly to isotropic ``spacing`` mm on
+    a grid of ``shape``: ``(3, *shape)`` in [0, 1], in the phantom's voxel order."""
     old = tuple(float(s) for s in np.sqrt((phantom.affine[:3, :3] ** 2).sum(axis=0)))
-    regions = labels_to_regions(phantom.label, conv).astype(np.float32)
-    soft = resample_image(regions, old, (float(spacing),) * 3, order=1, shape=shape)
-    return np.any(np.abs(soft - 0.5) < 1e-4, axis=0)
+    regions = labels_to_regions(phantom.label, CONVENTION).astype(np.float32)
+    return resample_image(regions, old, (float(spacing),) * 3, order=1, shape=shape)
+
+
+def tie_voxels(phantom: PhantomCase, spacing: float, shape: tuple[int, ...]) -> np.ndarray:
+    """Per region ``(3, *shape)``: the voxels of a :func:`spacing_copy` grid where the region's
+    linearly resampled mask is exactly 0.5, so that the copy's reference there is decided by
+    the "> 0.5" rule alone (always outside; on a 2:1 grid, a 2x2x2 block of which exactly four
+    voxels are inside the region). A thin rim makes many; soft probabilities fall either side."""
+    return np.abs(soft_region_masks(phantom, spacing, shape) - 0.5) < 1e-4
 
 
 def dice_outside(label: np.ndarray, case: LoadedCase, ignore: np.ndarray) -> dict[str, float]:
@@ -146,12 +148,6 @@ def transfer_label(loaded: LoadedModel, probabilities: np.ndarray, spacing: tupl
     return regions_to_labels(masks.numpy()[order], conv).astype(np.uint8)
 
 
-def transfer(loaded: LoadedModel, probabilities: np.ndarray, spacing: tuple[float, ...],
-             case: LoadedCase) -> dict[str, float]:
-    """Dice on ``case`` of :func:`transfer_label` (the best a resampling pipeline can reach)."""
-    return dice(transfer_label(loaded, probabilities, spacing, case), case)
-
-
 def run_seed(loaded: LoadedModel, seed: int, root: Path, native: bool,
              rendered: bool = True) -> dict:
     settings = InferenceSettings(device="cpu")
@@ -167,9 +163,16 @@ def run_seed(loaded: LoadedModel, seed: int, root: Path, native: bool,
         cases[f"{other_mm:g}mm_rendered"] = load(write_case(phantom_at(seed, other_mm),
                                                             root / f"{seed}_rendered"), loaded)
     # in the phantom's (LPS) voxel order, then in the loaded case's canonical one
-    ties = apply_orientation(tie_voxels(phantom, other_mm, copied.label.shape),
-                             cases[copy].reference.to_canonical).astype(bool)
-    result: dict = {"seed": seed, f"{copy}/ties": int(ties.sum())}
+    to_canonical = cases[copy].reference.to_canonical
+    per_region = np.stack([apply_orientation(t, to_canonical) for t in
+                           tie_voxels(phantom, other_mm, copied.label.shape)]).astype(bool)
+    ties = per_region.any(axis=0)
+    reference = labels_to_regions(cases[copy].label, CONVENTION)
+    result: dict = {"seed": seed, f"{copy}/ties": {
+        **{r: int(t.sum()) for r, t in zip(("WT", "TC", "ET"), per_region, strict=True)},
+        "any": int(ties.sum()),
+        # always 0 (a tie is outside its region's reference): checks the two grids line up
+        "inside_reference": int((per_region & reference).sum())}}
     base = None
     for name, case in cases.items():
         runs = [("model", settings)]
@@ -203,7 +206,7 @@ def table(results: list[dict]) -> str:
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         for k in keys:
-            if k in r and isinstance(r[k], dict):
+            if k in r and isinstance(r[k], dict) and "dice" in r[k]:
                 d, o = r[k]["dice"], r[k].get("dice_outside_ties")
                 tail = (f" {o['WT']:.3f} | {o['TC']:.3f} | {o['ET']:.3f} |" if o
                         else " - | - | - |")
@@ -217,7 +220,7 @@ def main() -> None:
     parser.add_argument("--model", default="demo")
     parser.add_argument("--seeds", type=int, nargs="+", default=[5001, 5003])
     parser.add_argument("--native", action="store_true",
-                        help="also predict the 1 mm cases at their native spacing (slow)")
+                        help="also predict the copies and rendered cases at their native spacing")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" /
                                              "spacing_demo.json"))

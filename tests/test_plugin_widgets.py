@@ -135,6 +135,7 @@ def test_segment_end_to_end_responsive_and_replacing(sample_viewer, qtbot):
 def test_cancel_stops_within_two_seconds_and_viewer_stays_usable(sample_viewer, qtbot):
     viewer = sample_viewer
     seg = open_widget(viewer, "Segment")
+    seg.native_check.setChecked(True)  # plumbing: the sample's own grid, as in the Segment test
     seg.overlap_spin.setValue(0.5)
     before = layer_state(viewer)
     progress: list[int] = []

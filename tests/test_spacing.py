@@ -369,10 +369,11 @@ def test_demo_on_a_phantom_and_its_2mm_copy(tmp_path):
     2 mm: Dice within 0.02 for WT and TC on every voxel, and for all three regions on the voxels
     whose 2 mm reference is not a tie. A tie is a 2 mm voxel half inside a region (exactly 4 of
     its 8 1-mm voxels), whose reference the copy's "> 0.5" rule alone decides; the enhancing rim,
-    two to three 1-mm voxels thick, makes hundreds of them (320 against 781 ET voxels for seed
-    5001), and there the 1 mm case's own probabilities carried to the copy's grid ("transfer")
+    two to three 1-mm voxels thick, makes hundreds of them (320 ET ties against 781 ET voxels for
+    seed 5001; 740 voxels are a tie of some region), and there the 1 mm case's own probabilities carried to the copy's grid ("transfer")
     fall on either side: with them ET scores 0.912 on every voxel and 0.992 outside the ties
-    (docs/data.md). Both outputs on their own grids."""
+    (docs/data.md). ET outside the ties measured 0.019 below the 1 mm case for this seed (0.024
+    for seed 5003, which this test does not run). Both outputs on their own grids."""
     bench = _benchmark("spacing")
     loaded = load_checkpoint("demo", device="cpu")
     with torch_threads(2):
@@ -381,7 +382,9 @@ def test_demo_on_a_phantom_and_its_2mm_copy(tmp_path):
     home, copy, transfer = result["1mm/model"], result["2mm_copy/model"], result["2mm_copy/transfer"]
     assert home["grid"] == [192, 192, 128] and home["spacing"].endswith("(native)")
     assert copy["grid"] == [96, 96, 64] and copy["spacing"] == "2 x 2 x 2 mm -> 1 x 1 x 1 mm"
-    assert result["2mm_copy/ties"] > 100
+    ties = result["2mm_copy/ties"]
+    assert ties["ET"] > 100 and ties["any"] >= ties["WT"]
+    assert ties["inside_reference"] == 0  # ties lie outside the reference: the grids line up
     for region in ("WT", "TC"):
         assert abs(home["dice"][region] - copy["dice"][region]) <= 0.02, result
     for region in ("WT", "TC", "ET"):

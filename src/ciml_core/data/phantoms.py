@@ -671,8 +671,8 @@ def write_phantom_dataset(
     uint8, every file of a case has the same LPS affine, and files are written atomically.
 
     Raises:
-        ConfigError: unknown ``kind``, ``cases`` < 1, negative ``seed`` or a ``shape`` below the
-            kind's minimum (:data:`MIN_SHAPES`).
+        ConfigError: unknown ``kind``, ``cases`` < 1, negative ``seed``, a ``shape`` below the
+            kind's minimum (:data:`MIN_SHAPES`), or a ``spacing`` for a kind other than brats.
         FileExistsError: a file to be written exists and ``overwrite`` is False (checked for
             every case before anything is written).
     """
