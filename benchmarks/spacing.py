@@ -113,7 +113,7 @@ def dice(label: np.ndarray, case: LoadedCase) -> dict[str, float]:
 
 
 def soft_region_masks(phantom: PhantomCase, spacing: float, shape: tuple[int, ...]) -> np.ndarray:
-    """The phantom's region masks (WT, TC, ET) resampled linearly to isotropic ``spacing`` mm on
+    """The phantom's region masks (the convention's order) resampled linearly to isotropic ``spacing`` mm on
     a grid of ``shape``: ``(3, *shape)`` in [0, 1], in the phantom's voxel order."""
     old = tuple(float(s) for s in np.sqrt((phantom.affine[:3, :3] ** 2).sum(axis=0)))
     regions = labels_to_regions(phantom.label, CONVENTION).astype(np.float32)
@@ -169,7 +169,8 @@ def run_seed(loaded: LoadedModel, seed: int, root: Path, native: bool,
     ties = per_region.any(axis=0)
     reference = labels_to_regions(cases[copy].label, CONVENTION)
     result: dict = {"seed": seed, f"{copy}/ties": {
-        **{r: int(t.sum()) for r, t in zip(("WT", "TC", "ET"), per_region, strict=True)},
+        **{r: int(t.sum()) for r, t in
+           zip(get_convention(CONVENTION).region_names, per_region, strict=True)},
         "any": int(ties.sum()),
         # always 0 (a tie is outside its region's reference): checks the two grids line up
         "inside_reference": int((per_region & reference).sum())}}
