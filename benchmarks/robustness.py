@@ -8,9 +8,10 @@ pushed beyond the range the demo was trained on, the others left as in training.
 
 Each setting regenerates the same ``--cases`` brain phantoms (same seeds: same anatomy, tumour,
 texture and noise draws; only the pushed parameter differs) and scores the model's predictions
-with BraTS rules (mean Dice WT/TC/ET). The parameters are module constants of
-``ciml_core.data.brain_phantoms`` (the training ranges, docs/phantoms.md); a setting replaces one
-range by a fixed value outside it. Needs the atlas. Results: benchmarks/results/robustness.json.
+with BraTS rules (mean Dice WT/TC/ET). The cases are the standard variety; the parameters are
+module constants of ``ciml_core.data.brain_phantoms`` (docs/phantoms.md), and a setting replaces
+one range by a fixed value outside what the demo was trained on (texture and blur: the wide
+variety's ranges). Needs the atlas. Results: benchmarks/results/robustness.json.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ def _psf(value: float) -> dict:
             "PSF_THROUGH_PLANE_MM": {m: (value, value) for m in bp.PSF_THROUGH_PLANE_MM}}
 
 
+WIDE = bp.WIDE_RANGES  # the demo's last training stage drew texture and blur from these
+
 #: name -> (training range as text, [(level label, constants to patch)])
 SETTINGS: dict[str, tuple[str, list[tuple[str, dict]]]] = {
     "noise (Rician sigma / WM)": (f"{bp.NOISE_FRACTION}", [
@@ -52,13 +55,17 @@ SETTINGS: dict[str, tuple[str, list[tuple[str, dict]]]] = {
         ("0.25", {"BIAS_STD": (0.25, 0.25)}), ("0.5", {"BIAS_STD": (0.5, 0.5)})]),
     "gamma": (f"{bp.GAMMA}", [
         ("0.6", {"GAMMA": (0.6, 0.6)}), ("1.6", {"GAMMA": (1.6, 1.6)})]),
-    "blur (PSF sigma, mm, all axes)": ("in-plane (0.2, 0.6), through-plane up to 1.8", [
-        ("1.5", _psf(1.5)), ("2.5", _psf(2.5))]),
+    "blur (PSF sigma, mm, all axes)": (
+        f"in-plane {WIDE['PSF_IN_PLANE_MM']}, through-plane up to "
+        f"{max(hi for _, hi in WIDE['PSF_THROUGH_PLANE_MM'].values())}", [
+            ("1.5", _psf(1.5)), ("2.5", _psf(2.5))]),
     "ET enhancement on T1CE (x WM)": (f"{bp.BRAIN_INTENSITY['et']['t1ce']}", [
         ("1.35", _et_enhancement(1.35)), ("1.2", _et_enhancement(1.2))]),
-    "tumour texture (relative std)": (f"{bp.SPREAD['tumour']}", [
-        ("0.25", {"SPREAD": {**bp.SPREAD, "tumour": (0.25, 0.25)}}),
-        ("0.4", {"SPREAD": {**bp.SPREAD, "tumour": (0.4, 0.4)}})]),
+    "tumour texture (relative std)": (f"{WIDE['SPREAD']['tumour']}", [
+        ("0.4", {"SPREAD": {**bp.SPREAD, "tumour": (0.4, 0.4)}}),
+        ("0.6", {"SPREAD": {**bp.SPREAD, "tumour": (0.6, 0.6)}})]),
+    "enhancing vessels on T1CE (cm^3)": (f"{bp.VESSEL_VOLUME_CM3}", [
+        ("8", {"VESSEL_VOLUME_CM3": (8.0, 8.0)}), ("16", {"VESSEL_VOLUME_CM3": (16.0, 16.0)})]),
 }
 
 

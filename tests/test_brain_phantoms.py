@@ -312,6 +312,24 @@ def test_same_seed_same_case_and_same_tumour_at_2_mm(atlas, full_cases):
     assert dice(fine_wt, regions(coarse.label)["WT"][:, :, : fine_wt.shape[2]]) > 0.7
 
 
+def test_wide_variety_changes_only_texture_and_blur(atlas, tmp_path):
+    """``variety="wide"`` (the demo's training data): the same anatomy, tumour and vessels, with
+    images drawn from wider texture and blur ranges; the CLI and the dataset writer pass it."""
+    standard = make_brain_phantom(3, SMALL, atlas=atlas)
+    wide = make_brain_phantom(3, SMALL, atlas=atlas, variety="wide")
+    assert np.array_equal(standard.label, wide.label)
+    for name in ("brain", "csf", "vessels"):
+        assert np.array_equal(standard.tissues[name], wide.tissues[name]), name
+    brain = standard.tissues["brain"]
+    for m in BRATS_MODALITIES:
+        a, b = standard.images[m][brain], wide.images[m][brain]
+        assert not np.array_equal(a, b), m
+        # the same contrast draws: the medians of a tissue move by texture and blur only
+        assert np.median(b) == pytest.approx(np.median(a), rel=0.1), m
+    with pytest.raises(ConfigError, match="^variety: only the brain kind"):
+        write_phantom_dataset("brats", 1, tmp_path / "x", variety="wide")
+
+
 def test_tumour_free_atlas_case(atlas):
     case = make_atlas_case(0, SMALL, atlas=atlas)
     assert case.case_id == "BrainAtlas_00000"
@@ -329,7 +347,7 @@ def test_tumour_free_atlas_case(atlas):
 
 @pytest.mark.parametrize(("kwargs", "field"), [
     ({"spacing": -1}, "spacing"), ({"grade": "gbm"}, "grade"), ({"foci": 4}, "foci"),
-    ({"shape": (40, 40, 40)}, "shape"), ({"seed": -3}, "seed"),
+    ({"shape": (40, 40, 40)}, "shape"), ({"seed": -3}, "seed"), ({"variety": "max"}, "variety"),
 ])
 def test_bad_arguments_raise_config_error(atlas, kwargs, field):
     arguments = {"seed": 0, "shape": TINY, "atlas": atlas, **kwargs}
@@ -360,6 +378,12 @@ def test_write_brain_dataset_and_cli(atlas_wheel, tmp_path, monkeypatch):
     assert [p.parent.name for p in segs] == ["Brain_00000", "Brain_00001"]
     for path in segs:
         assert set(np.unique(np.asanyarray(nib.load(str(path)).dataobj))) == {0, 1, 2, 4}
+    wide = tmp_path / "wide"
+    assert main(["phantom", "--kind", "brain", "--variety", "wide", "--seed", "4", "--shape",
+                 "64", "64", "42", "--out", str(wide)]) == 0
+    written = np.asanyarray(nib.load(str(wide / "Brain_00004/Brain_00004_t1ce.nii.gz")).dataobj)
+    assert np.array_equal(written, make_brain_phantom(4, TINY, variety="wide").images["t1ce"])
+    assert not np.array_equal(written, case.images["t1ce"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,6 +410,26 @@ def test_brain_t2_confuses_whole_tumour_with_csf(full_cases):
 
 def test_brain_enhancing_tumour_is_separable_only_on_t1ce(single_modality_dice):
     check_enhancing_tumour_separable_only_on_t1ce(single_modality_dice, len(FULL_SEEDS))
+
+
+def test_enhancing_vessels_are_background_and_bright_on_t1ce_only(full_cases):
+    """Thin enhancing tubes at the brain surface and along CSF, away from the tumour, labelled
+    0; on T1CE brighter than the tissue around them, on the other modalities not."""
+    for case in full_cases[0]:
+        vessels, brain = case.tissues["vessels"], case.tissues["brain"]
+        assert 0.5 <= vessels.sum() / 1000 <= 4.0 + 1e-3  # cm^3 at 1 mm
+        assert not (vessels & ~brain).any() and not (case.label[vessels]).any()
+        gap = ndimage.binary_dilation(case.label > 0, iterations=2)
+        assert not (vessels & gap).any()
+        around = ndimage.binary_dilation(vessels, iterations=2) & ~vessels & brain
+        ratio = {m: np.median(image[vessels]) / np.median(image[around])
+                 for m, image in case.images.items()}
+        assert ratio["t1ce"] > 1.15, ratio
+        # elsewhere only what lies around them (they run along CSF, so a little darker on
+        # T1/FLAIR and brighter on T2 than their neighbourhood, never by the T1CE factor)
+        assert all(0.75 < ratio[m] < 1.25 for m in ("flair", "t1", "t2")), ratio
+        # tubes, not blobs: most vessel voxels touch the outside of the vessel mask
+        assert (~ndimage.binary_erosion(vessels))[vessels].mean() > 0.8
 
 
 def test_brain_tumour_core_needs_t1ce_and_flair(full_cases, single_modality_dice):

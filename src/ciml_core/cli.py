@@ -131,6 +131,7 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
         seed=args.seed,
         shape=tuple(args.shape) if args.shape else None,
         overwrite=args.overwrite,
+        variety=args.variety,
     )
     print(f"wrote {len(written)} {args.kind} phantom case(s) to {args.out}")
     return 0
@@ -628,7 +629,7 @@ def _label_choices() -> list[str]:
 
 
 def _add_phantom(sub, parents: dict) -> None:
-    from ciml_core.data.phantoms import KINDS
+    from ciml_core.data.phantoms import BRAIN_VARIETIES, KINDS
 
     p = sub.add_parser(
         "phantom", parents=[parents["out"], parents["overwrite"]],
@@ -650,6 +651,9 @@ def _add_phantom(sub, parents: dict) -> None:
         help="volume shape in voxels (brats default 96 96 64 at 2 mm, brain default 240 240 155 "
         "at 1 mm, the BraTS grid; 120 120 78 gives 2 mm)",
     )
+    p.add_argument("--variety", choices=BRAIN_VARIETIES,
+                   help="brain only: standard (default) or wide (more tumour texture and blur, "
+                   "for training)")
     p.set_defaults(func=_cmd_phantom)
 
 

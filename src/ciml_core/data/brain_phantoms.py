@@ -20,7 +20,8 @@ synthetic contrast randomised widely) with synthetic tumours:
 3. **Images.** Each modality maps the atlas's own T1 (so partial volume and deep grey nuclei stay
    as in the atlas) through a per-case random transfer function anchored at per-class means drawn
    around the known contrast order, with per-class texture, tumour tissues, gamma, a bias field,
-   a point-spread blur (thick slices on some sequences), Rician noise, a sub-voxel cubic
+   a point-spread blur (thick slices on some sequences), enhancing vessels on T1CE (not
+   tumour), Rician noise, a sub-voxel cubic
    resampling (which leaves small negative values at the brain edge, as registration to the
    BraTS grid does) and a raw-scanner gain rounded to integers.
 
@@ -41,6 +42,7 @@ from scipy import ndimage
 
 from ciml_core.data.atlas import CSF, GM, WM, Atlas, AtlasSource, load_atlas
 from ciml_core.data.phantoms import (
+    BRAIN_VARIETIES,
     BRATS_MODALITIES,
     ED,
     ET,
@@ -124,6 +126,26 @@ NOISE_FRACTION = (0.015, 0.04)  # Rician sigma / WM-level intensity
 PSF_IN_PLANE_MM = (0.2, 0.6)  # Gaussian PSF sigma (mm)
 PSF_THROUGH_PLANE_MM = {"t1": (0.2, 0.8), "t1ce": (0.2, 0.8), "t2": (0.3, 1.8),
                         "flair": (0.3, 1.8)}  # thick-slice T2/FLAIR are common in BraTS
+#: ``variety="wide"``: wider texture and blur, for training. A model should be trained on a
+#: wider distribution than the one it is tested on (SynthSeg's rule): real tumours are more
+#: heterogeneous and real sequences blurrier than the standard phantom, whose ranges keep the
+#: separability statements of SPEC 3.4. The same draws, so a seed keeps its anatomy and tumour.
+WIDE_RANGES = {
+    "SPREAD": {"anatomy": (0.01, 0.06), "tumour": (0.03, 0.25)},
+    "PSF_IN_PLANE_MM": (0.2, 0.9),
+    "PSF_THROUGH_PLANE_MM": {"t1": (0.2, 1.2), "t1ce": (0.2, 1.2), "t2": (0.3, 2.2),
+                             "flair": (0.3, 2.2)},
+}
+VARIETIES = BRAIN_VARIETIES
+#: Enhancing structures that are not tumour (cortical veins, dura, choroid plexus): thin tubes
+#: near the brain surface and along the CSF spaces, bright on T1CE only, labelled background.
+#: A real T1CE has them in every case; without them a model learns "bright on T1CE = ET".
+VESSEL_VOLUME_CM3 = (0.5, 4.0)
+VESSEL_ENHANCEMENT = (0.75, 1.0)  # x the case's ET level on T1CE
+VESSEL_LENGTH_MM = 8.0  # correlation length of the two fields whose zero sets cross in tubes
+VESSEL_BAND = (0.1, 0.2)  # |field| below this: tubes about 1.5-3 mm across
+VESSEL_SURFACE_MM = 4.0  # the band under the brain surface where cortical vessels run
+VESSEL_TUMOUR_GAP_MM = 3.0  # kept this far from the lesion, so labels stay unambiguous
 GAIN = (100.0, 4000.0)  # raw-scanner scale of the WM level, log-uniform (real: ~300-3000)
 INT16_MAX = 32767
 
@@ -612,19 +634,59 @@ def _texture(rng: np.random.Generator, shape: Sequence[int], spacing: Sequence[f
     return field / max(float(field.std()), 1e-6)
 
 
+def _enhancing_vessels(rng: np.random.Generator, axes: Sequence[np.ndarray],
+                       spacing: Sequence[float], brain: np.ndarray, classes: np.ndarray,
+                       lesion: np.ndarray) -> np.ndarray:
+    """Mask (on the box) of non-tumour enhancing tubes (:data:`VESSEL_VOLUME_CM3`).
+
+    Tubes are where the zero sets of two smooth fields cross; they are kept under the brain
+    surface and next to CSF (sulci, ventricles), away from the lesion, and, for a drawn volume,
+    where a third, slower field is highest (so they cluster in places, as veins do). Fields are
+    drawn on the fixed lattice, so a seed's vessels are the same at any voxel size.
+    """
+    band = float(rng.uniform(*VESSEL_BAND))
+    volume_cm3 = float(rng.uniform(*VESSEL_VOLUME_CM3))
+    first = _smooth_random_field(rng, axes, DOMAIN_MM, VESSEL_LENGTH_MM)
+    second = _smooth_random_field(rng, axes, DOMAIN_MM, VESSEL_LENGTH_MM)
+    cluster = _smooth_random_field(rng, axes, DOMAIN_MM, 25.0)
+    tubes = (np.abs(first) < band) & (np.abs(second) < band)
+    del first, second
+    step = float(min(spacing))
+    surface = brain & ~ndimage.binary_erosion(
+        brain, iterations=max(1, round(VESSEL_SURFACE_MM / step)))
+    near_csf = ndimage.binary_dilation(classes == CSF) & brain
+    near_lesion = ndimage.binary_dilation(
+        lesion > 0, iterations=max(1, round(VESSEL_TUMOUR_GAP_MM / step)))
+    candidates = tubes & (surface | near_csf) & ~near_lesion
+    count = round(volume_cm3 * 1000.0 / float(np.prod(spacing)))
+    return candidates & (-cluster <= _kth_level(-cluster, candidates, count))
+
+
+def _ranges(variety: str) -> dict:
+    """The texture and blur ranges of a variety (read from the module at call time)."""
+    ranges = {"SPREAD": SPREAD, "PSF_IN_PLANE_MM": PSF_IN_PLANE_MM,
+              "PSF_THROUGH_PLANE_MM": PSF_THROUGH_PLANE_MM}
+    if variety == "wide":
+        ranges.update(WIDE_RANGES)
+    return ranges
+
+
 def _images(rng_params: np.random.Generator, rng_noise: np.random.Generator, atlas: Atlas,
             axes: Sequence[np.ndarray], spacing: Sequence[float], t1: np.ndarray,
-            brain: np.ndarray, classes: np.ndarray, lesion: np.ndarray) -> dict[str, np.ndarray]:
-    """The four modalities on the box (raw-scanner scale, integer-valued float32)."""
+            brain: np.ndarray, classes: np.ndarray, lesion: np.ndarray, ranges: dict
+            ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The four modalities on the box (raw-scanner scale, integer-valued float32) and the mask
+    of the enhancing vessels painted on T1CE."""
     means, ncr_to_csf = _draw_intensities(rng_params, atlas)
-    spreads = {t: {m: float(rng_params.uniform(*SPREAD["tumour" if t in _LESION else
-                                                         "anatomy"]))
+    spread_ranges = ranges["SPREAD"]
+    spreads = {t: {m: float(rng_params.uniform(*spread_ranges["tumour" if t in _LESION else
+                                                                "anatomy"]))
                    for m in BRATS_MODALITIES} for t in BRAIN_INTENSITY}
     acquisition = {}
     for m in BRATS_MODALITIES:
         through_axis = 2 if rng_params.random() < 0.7 else int(rng_params.integers(0, 2))
-        psf = [rng_params.uniform(*PSF_IN_PLANE_MM) for _ in range(3)]
-        psf[through_axis] = rng_params.uniform(*PSF_THROUGH_PLANE_MM[m])
+        psf = [rng_params.uniform(*ranges["PSF_IN_PLANE_MM"]) for _ in range(3)]
+        psf[through_axis] = rng_params.uniform(*ranges["PSF_THROUGH_PLANE_MM"][m])
         acquisition[m] = {
             "gamma": rng_params.uniform(*GAMMA),
             "bias_std": rng_params.uniform(*BIAS_STD),
@@ -634,6 +696,8 @@ def _images(rng_params: np.random.Generator, rng_noise: np.random.Generator, atl
             "shift": rng_params.uniform(0, 1, 3),
             "gain": float(np.exp(rng_params.uniform(*np.log(GAIN)))),
         }
+    vessels = _enhancing_vessels(rng_params, axes, spacing, brain, classes, lesion)
+    vessel_level = means["et"]["t1ce"] * float(rng_params.uniform(*VESSEL_ENHANCEMENT))
 
     knots = _knots(atlas)
     shape = t1.shape
@@ -652,6 +716,8 @@ def _images(rng_params: np.random.Generator, rng_noise: np.random.Generator, atl
             where = lesion == code
             if where.any():
                 image[where] = means[name][m] * (1 + spreads[name][m] * texture[where])
+        if m == "t1ce":
+            image[vessels] = vessel_level * (1 + spreads["et"][m] * texture[vessels])
         image[~brain] = 0
         np.maximum(image, 0, out=image)
         image **= np.float32(acq["gamma"])
@@ -682,7 +748,7 @@ def _images(rng_params: np.random.Generator, rng_noise: np.random.Generator, atl
         image[~keep] = 0
         image = np.clip(np.rint(image * np.float32(acq["gain"])), -INT16_MAX, INT16_MAX)
         images[m] = image.astype(np.float32)
-    return images
+    return images, vessels
 
 
 # ---------------------------------------------------------------------------------------------
@@ -700,6 +766,7 @@ def make_brain_phantom(
     deform: bool = True,
     grade: str | None = None,
     foci: int | None = None,
+    variety: str = "standard",
 ) -> PhantomCase:
     """A BraTS-like glioma case on real anatomy: images ``flair``, ``t1``, ``t1ce``, ``t2``.
 
@@ -716,6 +783,9 @@ def make_brain_phantom(
         grade: ``"hgg"`` or ``"lgg"`` (no enhancing tumour); default by seed: every fifth seed
             (``seed % 5 == 4``) is lower grade.
         foci: number of tumour foci (1-3); default 1, or 2-3 with probability 0.15.
+        variety: ``"standard"`` (the ranges the separability statements hold on) or
+            ``"wide"`` (:data:`WIDE_RANGES`: more texture and blur, for training); the same
+            anatomy, tumour and vessels either way.
 
     Returns:
         A :class:`~ciml_core.data.phantoms.PhantomCase` with float32 images holding integer
@@ -725,10 +795,12 @@ def make_brain_phantom(
         was grown in (the tumour overlays GM and WM voxels, never CSF).
 
     Raises:
-        ConfigError: a bad seed, shape, spacing, grade or foci.
+        ConfigError: a bad seed, shape, spacing, grade, foci or variety.
         InputDataError: the atlas cannot be found or read.
     """
     seed = _check_seed(seed)
+    if variety not in VARIETIES:
+        raise ConfigError(f"variety: expected one of {', '.join(VARIETIES)}, got {variety!r}")
     shape = _check_shape(shape, "brain")
     spacing = _check_spacing(brain_spacing(shape) if spacing is None else spacing)
     atlas = _resolve_atlas(atlas)
@@ -756,7 +828,8 @@ def make_brain_phantom(
     else:
         del points
         label = lesion = np.zeros(classes.shape, np.uint8)
-    images = _images(rng_contrast, rng_noise, atlas, axes, spacing, t1, brain, classes, lesion)
+    images, vessels = _images(rng_contrast, rng_noise, atlas, axes, spacing, t1, brain, classes,
+                              lesion, _ranges(variety))
 
     def full(array: np.ndarray, dtype) -> np.ndarray:
         out = np.zeros(shape, dtype)
@@ -767,6 +840,7 @@ def make_brain_phantom(
     tissues = {"brain": full_brain, "head": full_brain}
     tissues.update({name: full(classes == code, bool)
                     for name, code in (("csf", CSF), ("gm", GM), ("wm", WM))})
+    tissues["vessels"] = full(vessels, bool)
     prefix = CASE_PREFIX if tumour else ATLAS_CASE_PREFIX
     return PhantomCase(case_id=f"{prefix}_{seed:05d}",
                        images={m: full(images[m], np.float32) for m in BRATS_MODALITIES},

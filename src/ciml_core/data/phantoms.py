@@ -629,8 +629,12 @@ def _case_id(kind: str, seed: int) -> str:
     return f"{CASE_ID_PREFIX[kind]}_{seed:05d}"
 
 
+#: The brain kind's varieties (:func:`ciml_core.data.brain_phantoms.make_brain_phantom`).
+BRAIN_VARIETIES = ("standard", "wide")
+
+
 def _make_case(kind: str, seed: int, shape: tuple[int, int, int],
-               spacing: float | None = None) -> PhantomCase:
+               spacing: float | None = None, variety: str | None = None) -> PhantomCase:
     if kind == "brats":
         return make_brats_phantom(seed, shape, spacing)
     if kind == "petct":
@@ -638,7 +642,7 @@ def _make_case(kind: str, seed: int, shape: tuple[int, int, int],
     if kind == "brain":  # imported here: brain_phantoms imports this module
         from ciml_core.data.brain_phantoms import make_brain_phantom
 
-        return make_brain_phantom(seed, shape)
+        return make_brain_phantom(seed, shape, variety=variety or "standard")
     primary, auxiliary, target = make_shape_composition(seed, shape[:2])
 
     def thin_volume(a: np.ndarray) -> np.ndarray:  # the same 2-D pair on each of the Z slices
@@ -657,12 +661,14 @@ def write_phantom_dataset(
     shape: tuple[int, int, int] | None = None,
     overwrite: bool = False,
     spacing: float | None = None,
+    variety: str | None = None,
 ) -> list[Path]:
     """Write ``cases`` synthetic cases of ``kind`` under ``out``; return the case folders.
 
     ``spacing`` (``brats`` only): the voxel size in mm instead of :func:`brats_spacing`'s
     head-sized field of view; e.g. a 48x48x32 grid at 2 mm is a small head whose case runs at
-    1 mm in 1/8 of the windows of the default 4 mm one.
+    1 mm in 1/8 of the windows of the default 4 mm one. ``variety`` (``brain`` only):
+    ``"standard"`` (default) or ``"wide"`` (more texture and blur, for training).
 
     Layouts: ``brats`` -> ``<case>/<case>_{flair,t1,t1ce,t2,seg}.nii.gz`` (BraTS 2020, case ids
     ``Phantom_<seed+i:05d>``); ``shapes`` -> ``<case>/<case>_{primary,auxiliary,seg}.nii.gz``
@@ -672,7 +678,8 @@ def write_phantom_dataset(
 
     Raises:
         ConfigError: unknown ``kind``, ``cases`` < 1, negative ``seed``, a ``shape`` below the
-            kind's minimum (:data:`MIN_SHAPES`), or a ``spacing`` for a kind other than brats.
+            kind's minimum (:data:`MIN_SHAPES`), a ``spacing`` for a kind other than brats,
+            or a ``variety`` for a kind other than brain.
         FileExistsError: a file to be written exists and ``overwrite`` is False (checked for
             every case before anything is written).
     """
@@ -680,6 +687,8 @@ def write_phantom_dataset(
         raise ConfigError(f"kind: expected one of {', '.join(KINDS)}, got {kind!r}")
     if spacing is not None and kind != "brats":
         raise ConfigError(f"spacing: only the brats kind takes a spacing, got kind {kind!r}")
+    if variety is not None and kind != "brain":
+        raise ConfigError(f"variety: only the brain kind takes a variety, got kind {kind!r}")
     if isinstance(cases, bool) or not isinstance(cases, int | np.integer) or cases < 1:
         raise ConfigError(f"cases: expected an integer >= 1, got {cases!r}")
     seed = _check_seed(seed)
@@ -691,7 +700,7 @@ def write_phantom_dataset(
     refuse_existing((out / _case_id(kind, s) / pattern.format(id=_case_id(kind, s))
                      for s in seeds for pattern in LAYOUTS[kind].values()), overwrite)
 
-    return [write_phantom_case(_make_case(kind, s, shape, spacing), kind, out,
+    return [write_phantom_case(_make_case(kind, s, shape, spacing, variety), kind, out,
                                overwrite=overwrite) for s in seeds]
 
 
