@@ -572,7 +572,8 @@ def _inference_settings(args: argparse.Namespace, **changes):
 
     given = {"device": args.device, "native_spacing": getattr(args, "native_spacing", False)}
     if hasattr(args, "overlap"):
-        given.update(overlap=args.overlap, mirror=args.tta, bf16=True if args.bf16 else None)
+        given.update(overlap=args.overlap, mirror=args.tta, bf16=True if args.bf16 else None,
+                     postprocess=not args.no_postprocess)
     return InferenceSettings(**{**given, **changes})
 
 
@@ -592,6 +593,9 @@ def _inference_options(p: argparse.ArgumentParser) -> None:
                         "AVX512-BF16/AMX, probabilities differ by ~1e-2 (docs/performance.md)")
     p.add_argument("--overlap", type=overlap_fraction, default=defaults["overlap"],
                    help=f"sliding-window overlap (default {defaults['overlap']})")
+    p.add_argument("--no-postprocess", action="store_true",
+                   help="keep enhancing-tumour components that have no predicted tumour around "
+                   "them (default: removed, they are vessels or dura: docs/method.md)")
     _native_spacing_option(p)
     _device_option(p, defaults["device"])
 

@@ -50,6 +50,7 @@ from ciml_core.model import (
     probabilities_to_region_masks,
 )
 from ciml_core.model.grouped import GroupedCIMLNetwork
+from ciml_core.postprocess import remove_lone_enhancement
 from ciml_core.runtime import resolve_device
 
 ProgressFn = Callable[[int, int], None]
@@ -81,6 +82,9 @@ class InferenceSettings:
         native_spacing: run every case at its own voxel spacing even when the model records
             the spacing it was trained at (default False: a case of another spacing is
             resampled to the model's and the outputs back, see :func:`predict_case`).
+        postprocess: remove predicted enhancing-tumour components with no predicted tumour
+            around them (vessels, dura: :func:`ciml_core.postprocess.remove_lone_enhancement`);
+            only for models that predict WT and ET. The probabilities are left as predicted.
     """
 
     overlap: float = 0.5
@@ -89,6 +93,7 @@ class InferenceSettings:
     fused: bool = True
     bf16: bool | None = None
     native_spacing: bool = False
+    postprocess: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "overlap", check_overlap(self.overlap))
@@ -273,6 +278,9 @@ def predict_case(
     of a coarse label map would give staircases and lose thin structures (the enhancing rim),
     and it is what nnU-Net does. The outputs are always on the case's own grid.
 
+    Post-processing (``settings.postprocess``, on by default): enhancing-tumour components with
+    no predicted tumour around them are removed (:mod:`ciml_core.postprocess`).
+
     ``label_convention``: the labels to write (e.g. the dataset's: BraTS 2023 paints ET as 3,
     BraTS 2020 as 4); None: the convention the model was trained with. It must name the
     model's regions (:func:`output_convention`)."""
@@ -290,6 +298,9 @@ def predict_case(
     probs = np.clip(plan.to_input(probs), 0.0, 1.0) if plan.resampled else probs
     masks = probabilities_to_region_masks(torch.from_numpy(probs)[None], loaded.regions,
                                           nesting=nesting)[0].numpy()
+    settings = settings or InferenceSettings()
+    if settings.postprocess:
+        masks, _ = remove_lone_enhancement(masks, loaded.regions, case.spacing)
     order = [loaded.regions.index(r) for r in conv.region_names]
     label = regions_to_labels(masks[order], conv)
     return CasePrediction(

@@ -139,6 +139,12 @@ class SegmentWidget(JobWidget):
         self.tta_check = QCheckBox("Test-time mirroring (8× slower)")
         options.addRow(self.tta_check)
         self.native_check = add_native_spacing_row(options)
+        self.postprocess_check = QCheckBox("Drop enhancement with no tumour around it")
+        self.postprocess_check.setChecked(InferenceSettings().postprocess)
+        self.postprocess_check.setToolTip(
+            "On (default): enhancing-tumour specks with no predicted tumour around them "
+            "(vessels, dura) are removed from the labels; the probability layers keep them.")
+        options.addRow(self.postprocess_check)
         self.prob_check = QCheckBox("Probability layers (one per region)")
         options.addRow(self.prob_check)
         self.keep_check = QCheckBox("Keep previous result (add a new layer)")
@@ -240,7 +246,8 @@ class SegmentWidget(JobWidget):
             device = str(resolve_device(self.device))
             settings = InferenceSettings(overlap=float(self.overlap_spin.value()),
                                          mirror=self.tta_check.isChecked(), device=device,
-                                         native_spacing=self.native_check.isChecked())
+                                         native_spacing=self.native_check.isChecked(),
+                                         postprocess=self.postprocess_check.isChecked())
         except USER_ERRORS as err:
             self.last_error = str(err)
             notify_error(err)
