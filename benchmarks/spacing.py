@@ -1,22 +1,24 @@
-"""Target spacing with a model: a phantom at the model's spacing and its copies at the other
-of 1 mm and 2 mm (the bundled demo runs at 1 mm, so its copies are at 2 mm).
+"""Target spacing with a model: a phantom and its copy resampled to the other of 1 mm and
+2 mm, both ways round (the bundled demo runs at 1 mm).
 
-    python benchmarks/spacing.py [--model demo] [--seeds 5001 5003] [--native] [--threads 2]
+    python benchmarks/spacing.py [--model demo] [--seeds 5001 5003] [--phantom-mm 1 2]
+                                 [--native] [--threads 2]
 
-Cases per seed (``M`` the model's isotropic spacing, ``O`` the other one):
+Cases per seed and phantom spacing ``P`` (``O`` the other one):
 
-- ``Mmm``: the glioma phantom rendered at M mm over the default 192x192x128 mm field of view
+- ``Pmm``: the glioma phantom rendered at P mm over the default 192x192x128 mm field of view
   (192x192x128 voxels at 1 mm, 96x96x64 at 2 mm);
 - ``Omm_copy``: the same case resampled to O mm: images cubic with the background kept exactly
   0 (a masked scan stays masked), reference labels from its region masks resampled linearly and
-  > 0.5 (:func:`spacing_copy`);
+  > 0.5 (:func:`spacing_copy`). Down to 2 mm a voxel half inside a region is a tie that only the
+  "> 0.5" rule decides; up to 1 mm each voxel lies inside one 2 mm voxel and takes its label;
 - ``Omm_rendered``: the generator run at O mm: the same anatomy and tumour (drawn before the
   images, independent of the grid) rendered with O mm voxels, its own noise and intensity
   draws, and its own reference.
 
-Every case is predicted at the model's spacing (an O mm case is resampled to M mm, the
-probabilities back); with ``--native`` each O mm case also at its native spacing
-(``InferenceSettings(native_spacing=True)``). ``transfer`` scores the M mm case's own
+Every case is predicted at the model's spacing (a case at another spacing is resampled to it,
+the probabilities back); with ``--native`` each such case also at its native spacing
+(``InferenceSettings(native_spacing=True)``). ``transfer`` scores the P mm case's own
 probabilities carried to the copy's grid the way ``predict_case`` carries them (linear, > 0.5):
 what a perfect resampling pipeline would reach on the copy. ``dice_outside_ties`` scores the
 copy's rows without the voxels whose reference is a tie (:func:`tie_voxels`). Writes
@@ -128,6 +130,13 @@ def tie_voxels(phantom: PhantomCase, spacing: float, shape: tuple[int, ...]) -> 
     return np.abs(soft_region_masks(phantom, spacing, shape) - 0.5) < 1e-4
 
 
+def dice_against(label: np.ndarray, reference: np.ndarray, case: LoadedCase
+                 ) -> dict[str, float]:
+    """Dice per region of ``label`` against another ``reference`` on ``case``'s grid."""
+    metrics = region_metrics(label, reference, CONVENTION, case.spacing)
+    return {region: round(float(m["dice"]), 4) for region, m in metrics.items()}
+
+
 def dice_outside(label: np.ndarray, case: LoadedCase, ignore: np.ndarray) -> dict[str, float]:
     """Dice per region of ``label`` against the case's reference, voxels in ``ignore`` left out."""
     conv = get_convention(CONVENTION)
@@ -149,26 +158,38 @@ def transfer_label(loaded: LoadedModel, probabilities: np.ndarray, spacing: tupl
 
 
 def run_seed(loaded: LoadedModel, seed: int, root: Path, native: bool,
-             rendered: bool = True) -> dict:
+             rendered: bool = True, phantom_mm: float | None = None) -> dict:
+    """One seed: the phantom at ``phantom_mm`` (default the model's spacing) and its copy at
+    the other of 1 mm and 2 mm. From a 1 mm phantom the 2 mm copy averages 2x2x2 blocks (the
+    copy's reference has ties); from a 2 mm phantom the 1 mm copy interpolates, and every 1 mm
+    reference voxel is decided by the 2 mm voxel it lies in (no ties)."""
     settings = InferenceSettings(device="cpu")
-    model_mm, other_mm = other_spacing(loaded)
-    home, copy = f"{model_mm:g}mm", f"{other_mm:g}mm_copy"
-    phantom = phantom_at(seed, model_mm)
+    model_mm, _ = other_spacing(loaded)
+    home_mm = model_mm if phantom_mm is None else float(phantom_mm)
+    other_mm = 2.0 if home_mm < 1.5 else 1.0
+    home, copy = f"{home_mm:g}mm", f"{other_mm:g}mm_copy"
+    phantom = phantom_at(seed, home_mm)
     copied = spacing_copy(phantom, other_mm)
     cases = {
-        home: load(write_case(phantom, root / f"{seed}_home"), loaded),
-        copy: load(write_case(copied, root / f"{seed}_copy"), loaded),
+        home: load(write_case(phantom, root / f"{seed}_{home}"), loaded),
+        copy: load(write_case(copied, root / f"{seed}_{copy}"), loaded),
     }
     if rendered:
         cases[f"{other_mm:g}mm_rendered"] = load(write_case(phantom_at(seed, other_mm),
-                                                            root / f"{seed}_rendered"), loaded)
+                                                            root / f"{seed}_{home}_rendered"), loaded)
     # in the phantom's (LPS) voxel order, then in the loaded case's canonical one
     to_canonical = cases[copy].reference.to_canonical
     per_region = np.stack([apply_orientation(t, to_canonical) for t in
                            tie_voxels(phantom, other_mm, copied.label.shape)]).astype(bool)
     ties = per_region.any(axis=0)
+    # The phantom's own label on the copy's grid: its geometry does not depend on the grid, so
+    # this is the truth there (what a resampled reference only approximates).
+    truth = phantom_at(seed, other_mm)
+    if not np.allclose(truth.affine, copied.affine):
+        raise AssertionError("the rendered and the resampled grids differ")
+    truth_label = apply_orientation(truth.label, to_canonical)
     reference = labels_to_regions(cases[copy].label, CONVENTION)
-    result: dict = {"seed": seed, f"{copy}/ties": {
+    result: dict = {"seed": seed, "phantom_mm": home_mm, f"{copy}/ties": {
         **{r: int(t.sum()) for r, t in
            zip(get_convention(CONVENTION).region_names, per_region, strict=True)},
         "any": int(ties.sum()),
@@ -177,7 +198,7 @@ def run_seed(loaded: LoadedModel, seed: int, root: Path, native: bool,
     base = None
     for name, case in cases.items():
         runs = [("model", settings)]
-        if native and name != home:
+        if native and not np.allclose(case.spacing, model_mm):
             runs.append(("native", settings.replace(native_spacing=True)))
         for run, how in runs:
             t0 = time.perf_counter()
@@ -191,28 +212,31 @@ def run_seed(loaded: LoadedModel, seed: int, root: Path, native: bool,
             if name == copy:
                 result[f"{name}/{run}"]["dice_outside_ties"] = dice_outside(
                     prediction.label, case, ties)
+                result[f"{name}/{run}"]["dice_vs_truth"] = dice_against(
+                    prediction.label, truth_label, case)
             if name == home:
                 base = prediction
-            print(seed, name, run, result[f"{name}/{run}"], flush=True)
+            print(seed, home_mm, name, run, result[f"{name}/{run}"], flush=True)
     carried = transfer_label(loaded, base.probabilities, cases[home].spacing, cases[copy])
     result[f"{copy}/transfer"] = {"dice": dice(carried, cases[copy]),
-                                  "dice_outside_ties": dice_outside(carried, cases[copy], ties)}
+                                  "dice_outside_ties": dice_outside(carried, cases[copy], ties),
+                                  "dice_vs_truth": dice_against(carried, truth_label,
+                                                                cases[copy])}
     return result
 
 
 def table(results: list[dict]) -> str:
-    keys = sorted({k for r in results for k in r if k != "seed"},
-                  key=lambda k: ("copy" in k or "rendered" in k, k))
     lines = ["| seed | case / run | WT | TC | ET | outside ties: WT | TC | ET |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
+        keys = sorted((k for k in r if isinstance(r[k], dict) and "dice" in r[k]),
+                      key=lambda k: ("copy" in k or "rendered" in k, k))
         for k in keys:
-            if k in r and isinstance(r[k], dict) and "dice" in r[k]:
-                d, o = r[k]["dice"], r[k].get("dice_outside_ties")
-                tail = (f" {o['WT']:.3f} | {o['TC']:.3f} | {o['ET']:.3f} |" if o
-                        else " - | - | - |")
-                lines.append(f"| {r['seed']} | {k} | {d['WT']:.3f} | {d['TC']:.3f} | "
-                             f"{d['ET']:.3f} |" + tail)
+            d, o = r[k]["dice"], r[k].get("dice_outside_ties")
+            tail = (f" {o['WT']:.3f} | {o['TC']:.3f} | {o['ET']:.3f} |" if o
+                    else " - | - | - |")
+            lines.append(f"| {r['seed']} | {k} | {d['WT']:.3f} | {d['TC']:.3f} | "
+                         f"{d['ET']:.3f} |" + tail)
     return "\n".join(lines)
 
 
@@ -222,6 +246,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[5001, 5003])
     parser.add_argument("--native", action="store_true",
                         help="also predict the copies and rendered cases at their native spacing")
+    parser.add_argument("--phantom-mm", type=float, nargs="+", default=None,
+                        help="spacings to render the phantom at (each gets a copy at the other "
+                             "of 1 and 2 mm); default both")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" /
                                              "spacing_demo.json"))
@@ -229,7 +256,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     loaded = load_checkpoint(args.model, device="cpu")
     with tempfile.TemporaryDirectory() as tmp:
-        results = [run_seed(loaded, seed, Path(tmp), args.native) for seed in args.seeds]
+        results = [run_seed(loaded, seed, Path(tmp), args.native, phantom_mm=mm)
+                   for mm in (args.phantom_mm or other_spacing(loaded)) for seed in args.seeds]
     Path(args.out).write_text(json.dumps({"model": args.model, "results": results}, indent=2)
                               + "\n")
     print(table(results))
