@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from ciml_core.data.brain_phantoms import make_brain_phantom  # noqa: E402
-from ciml_core.data.phantoms import BRATS_MODALITIES, best_threshold_dice  # noqa: E402
-from test_phantoms import regions, two_modality_core  # noqa: E402
+from ciml_core.data.brain_phantoms import brain_spacing, make_brain_phantom  # noqa: E402
+from ciml_core.data.phantoms import BRATS_MODALITIES  # noqa: E402
+from test_phantoms import regions, separability_table, two_modality_core  # noqa: E402
 
 COLUMNS = [(r, m) for r in ("WT", "TC", "ET") for m in BRATS_MODALITIES]
 
@@ -33,14 +33,13 @@ def main() -> None:
     print(f"| seed (grade) | WT / TC / ET cm³ | {head} | TC T1CE+FLAIR | vessels cm³ |")
     print("| --- " * (len(COLUMNS) + 4) + "|")
     rows = []
+    voxel_cm3 = float(np.prod(brain_spacing(args.shape))) / 1000
     for seed in args.seeds:
         case = make_brain_phantom(seed, tuple(args.shape))
-        voxel_cm3 = float(np.prod(np.sqrt((case.affine[:3, :3] ** 2).sum(0)))) / 1000
         r = regions(case.label)
         high = bool(r["ET"].any())
-        # as test_phantoms.separability_table does, for the regions the case has
-        row = [best_threshold_dice(case.images[m], r[reg], case.tissues["head"])[0]
-               if r[reg].any() else None for reg, m in COLUMNS]
+        table = separability_table([case])
+        row = [table.get((0, reg, m)) for reg, m in COLUMNS]
         row.append(two_modality_core(case) if high else None)
         if high:
             rows.append(row)

@@ -115,8 +115,7 @@ def load(folder: Path, loaded: LoadedModel) -> LoadedCase:
 
 def dice(label: np.ndarray, case: LoadedCase) -> dict[str, float]:
     """Dice per region of ``label`` against the case's own reference, on the case's grid."""
-    metrics = region_metrics(label, case.label, CONVENTION, case.spacing)
-    return {region: round(float(m["dice"]), 4) for region, m in metrics.items()}
+    return dice_against(label, case.label, case)
 
 
 def soft_region_masks(phantom: PhantomCase, spacing: float, shape: tuple[int, ...]) -> np.ndarray:
@@ -180,9 +179,11 @@ def run_seed(loaded: LoadedModel, seed: int, root: Path, native: bool,
         home: load(write_case(phantom, root / f"{seed}_{home}"), loaded),
         copy: load(write_case(copied, root / f"{seed}_{copy}"), loaded),
     }
+    # The same phantom rendered on the other grid: a case of its own, and the truth below.
+    truth = phantom_at(seed, other_mm, kind)
     if rendered:
-        cases[f"{other_mm:g}mm_rendered"] = load(write_case(phantom_at(seed, other_mm, kind),
-                                                            root / f"{seed}_{home}_rendered"), loaded)
+        cases[f"{other_mm:g}mm_rendered"] = load(write_case(truth, root / f"{seed}_{home}_rendered"),
+                                                 loaded)
     # in the phantom's (LPS) voxel order, then in the loaded case's canonical one
     to_canonical = cases[copy].reference.to_canonical
     per_region = np.stack([apply_orientation(t, to_canonical) for t in
@@ -191,7 +192,6 @@ def run_seed(loaded: LoadedModel, seed: int, root: Path, native: bool,
     # The phantom's own label on the copy's grid: its geometry does not depend on the grid, so
     # this is the truth there (what a resampled reference only approximates). Only where the
     # rendered grid is the copy's (not the brain's 155 mm, which is 78 slices of 2 mm).
-    truth = phantom_at(seed, other_mm, kind)
     truth_label = (apply_orientation(truth.label, to_canonical)
                    if np.allclose(truth.affine, copied.affine) else None)
     reference = labels_to_regions(cases[copy].label, CONVENTION)

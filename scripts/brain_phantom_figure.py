@@ -32,6 +32,12 @@ def radiological(axial: np.ndarray) -> np.ndarray:
     return axial.T[::-1, ::-1]
 
 
+def show(ax, image: np.ndarray, brain: np.ndarray, box: tuple) -> None:
+    """``image[box]`` in grey, windowed to its 99.5th percentile inside the brain."""
+    ax.imshow(radiological(image[box]), cmap="gray", vmin=0,
+              vmax=np.percentile(image[brain], 99.5))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("docs/images/brain_phantom_cases.png"))
@@ -45,29 +51,24 @@ def main() -> None:
         tumour = (case.label > 0).sum(axis=(0, 1))
         z = int(np.argmax(tumour)) if tumour.any() else case.label.shape[2] // 2
         xs, ys = np.nonzero(brain.any(axis=2))
-        box = (slice(max(xs.min() - 4, 0), xs.max() + 5), slice(max(ys.min() - 4, 0), ys.max() + 5))
-        case.images.update({m: case.images[m][box] for m in MODALITIES})
-        case.tissues.update({k: case.tissues[k][box] for k in ("brain", "vessels")})
-        case = type(case)(case.case_id, case.images, case.label[box], case.affine, case.tissues)
-        brain = case.tissues["brain"]
+        # the slice z, cropped to the brain with a 4-voxel margin, in radiological display
+        box = (slice(max(xs.min() - 4, 0), xs.max() + 5),
+               slice(max(ys.min() - 4, 0), ys.max() + 5), z)
         for col, name in enumerate(MODALITIES):
-            image = case.images[name]
-            top = np.percentile(image[brain], 99.5)
             ax = axes[row, col]
-            ax.imshow(radiological(image[:, :, z]), cmap="gray", vmin=0, vmax=top)
+            show(ax, case.images[name], brain, box)
             if name == "t1ce":
-                ax.contour(radiological(case.tissues["vessels"][:, :, z]).astype(float),
+                ax.contour(radiological(case.tissues["vessels"][box]).astype(float),
                            levels=[0.5], colors="cyan", linewidths=0.6)
             if row == 0:
                 ax.set_title(name.upper(), color="white")
-        overlay = np.zeros((*case.label.shape[:2], 4))
+        label = radiological(case.label[box])
+        overlay = np.zeros((*label.shape, 4))
         for value, colour in COLOURS.items():
-            overlay[case.label[:, :, z] == value] = (*colour, 0.55)
+            overlay[label == value] = (*colour, 0.55)
         ax = axes[row, 4]
-        t1ce = case.images["t1ce"]
-        ax.imshow(radiological(t1ce[:, :, z]), cmap="gray", vmin=0,
-                  vmax=np.percentile(t1ce[brain], 99.5))
-        ax.imshow(overlay.transpose(1, 0, 2)[::-1, ::-1])
+        show(ax, case.images["t1ce"], brain, box)
+        ax.imshow(overlay)
         if row == 0:
             ax.set_title("labels", color="white")
         axes[row, 0].set_ylabel(title, color="white")

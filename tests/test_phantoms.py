@@ -164,10 +164,13 @@ def test_default_spacing_gives_a_head_sized_field_of_view():
 
 
 def separability_table(cases) -> dict:
-    """{(case index, region, modality): best single-threshold Dice inside the head}."""
+    """{(case index, region, modality): best single-threshold Dice inside the head}, for the
+    regions each case has (a lower-grade case has no ET)."""
     table = {}
     for i, case in enumerate(cases):
         for name, mask in regions(case.label).items():
+            if not mask.any():
+                continue
             for modality in BRATS_MODALITIES:
                 table[i, name, modality] = best_threshold_dice(
                     case.images[modality], mask, case.tissues["head"])[0]

@@ -284,6 +284,7 @@ def predict_case(
     ``label_convention``: the labels to write (e.g. the dataset's: BraTS 2023 paints ET as 3,
     BraTS 2020 as 4); None: the convention the model was trained with. It must name the
     model's regions (:func:`output_convention`)."""
+    settings = settings or InferenceSettings()
     conv = output_convention(loaded, label_convention)
     if tuple(case.modalities) != tuple(loaded.modalities):
         raise InputDataError(
@@ -298,7 +299,6 @@ def predict_case(
     probs = np.clip(plan.to_input(probs), 0.0, 1.0) if plan.resampled else probs
     masks = probabilities_to_region_masks(torch.from_numpy(probs)[None], loaded.regions,
                                           nesting=nesting)[0].numpy()
-    settings = settings or InferenceSettings()
     if settings.postprocess:
         masks, _ = remove_lone_enhancement(masks, loaded.regions, case.spacing)
     order = [loaded.regions.index(r) for r in conv.region_names]

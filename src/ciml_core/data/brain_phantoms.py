@@ -136,7 +136,6 @@ WIDE_RANGES = {
     "PSF_THROUGH_PLANE_MM": {"t1": (0.2, 1.2), "t1ce": (0.2, 1.2), "t2": (0.3, 2.2),
                              "flair": (0.3, 2.2)},
 }
-VARIETIES = BRAIN_VARIETIES
 #: Enhancing structures that are not tumour (cortical veins, dura, choroid plexus): thin tubes
 #: near the brain surface and along the CSF spaces, bright on T1CE only, labelled background.
 #: A real T1CE has them in every case; without them a model learns "bright on T1CE = ET".
@@ -799,8 +798,9 @@ def make_brain_phantom(
         InputDataError: the atlas cannot be found or read.
     """
     seed = _check_seed(seed)
-    if variety not in VARIETIES:
-        raise ConfigError(f"variety: expected one of {', '.join(VARIETIES)}, got {variety!r}")
+    if variety not in BRAIN_VARIETIES:
+        raise ConfigError(
+            f"variety: expected one of {', '.join(BRAIN_VARIETIES)}, got {variety!r}")
     shape = _check_shape(shape, "brain")
     spacing = _check_spacing(brain_spacing(shape) if spacing is None else spacing)
     atlas = _resolve_atlas(atlas)
